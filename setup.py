@@ -1,0 +1,26 @@
+"""starflow2-jax: STARFlow2 (a frozen VLM + a TARFlow stream) in JAX/Flax."""
+
+import pathlib
+
+import setuptools
+
+_HERE = pathlib.Path(__file__).parent
+
+
+def _requirements(name):
+  lines = (_HERE / name).read_text().splitlines()
+  return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+setuptools.setup(
+    name="starflow2-jax",
+    version="0.1.0",
+    description="STARFlow2 in JAX/Flax: unified text and image generation with normalizing flows.",
+    long_description=(_HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["starflow2_jax*", "data_pipelines*", "experiments*"]),
+    install_requires=_requirements("requirements.txt"),
+    extras_require={"test": _requirements("requirements-test.txt")},
+    entry_points={"console_scripts": ["starflow2=starflow2_jax.cli:main"]},
+)
