@@ -1,0 +1,85 @@
+"""A pre-norm causal Transformer whose every call can read and extend a KV cache."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from starflow2_jax.layers import attention
+from starflow2_jax.layers import kv_cache as kv_cache_lib
+from starflow2_jax.layers import mlp as mlp_lib
+from starflow2_jax.layers import norms
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """The numbers that define a Transformer; the only thing presets change."""
+  width: int
+  num_layers: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  rope_theta: float = 10_000.0
+  remat: bool = False
+
+  @property
+  def head_dim(self):
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    return self.width // self.num_heads
+
+  def empty_cache(self, batch, max_length, dtype=jnp.float32):
+    return kv_cache_lib.KVCache.zeros(
+        batch=batch, max_length=max_length, num_layers=self.num_layers,
+        num_heads=self.num_heads, head_dim=self.head_dim, dtype=dtype)
+
+
+class TransformerLayer(nn.Module):
+  config: TransformerConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h_btd = norms.layer_norm("attention_norm", **kw)(x_btd)
+    h_btd, layer_cache = attention.CausalSelfAttention(
+        cfg.num_heads, cfg.head_dim, cfg.rope_theta, name="attention", **kw)(
+            h_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs)
+    x_btd = x_btd + h_btd
+    h_btd = norms.layer_norm("mlp_norm", **kw)(x_btd)
+    x_btd = x_btd + mlp_lib.MLP(int(cfg.mlp_ratio * cfg.width), name="mlp", **kw)(h_btd)
+    return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), layer_cache
+
+
+class Transformer(nn.Module):
+  """Stack of pre-norm layers plus a final norm.
+
+  `__call__(x, positions, valid, cache=None)` returns `(y, cache)`. With a cache, this
+  call's tokens are appended at `cache.length` and attend to everything before them.
+  """
+  config: TransformerConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, valid_bt, cache=None):
+    layer_cls = nn.remat(TransformerLayer, static_argnums=()) if self.config.remat else TransformerLayer
+    x_btd = nn.with_logical_constraint(x_btd.astype(self.dtype), ("batch", "length", "embed"))
+    if cache is None:
+      layer_caches = (None,) * self.config.num_layers
+      cache_length = cache_valid = None
+    else:
+      layer_caches, cache_length = cache.layers, cache.length
+      cache_valid = jax.lax.dynamic_update_slice(cache.valid_bs, valid_bt, (0, cache_length))
+    new_layer_caches = []
+    for i, layer_cache in enumerate(layer_caches):
+      x_btd, layer_cache = layer_cls(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
+          x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid)
+      new_layer_caches.append(layer_cache)
+    y_btd = norms.layer_norm("final_norm", self.dtype, self.param_dtype)(x_btd)
+    if cache is not None:
+      cache = kv_cache_lib.KVCache(layers=tuple(new_layer_caches), valid_bs=cache_valid,
+                                   length=cache_length + x_btd.shape[1])
+    return y_btd, cache

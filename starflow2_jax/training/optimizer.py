@@ -1,0 +1,50 @@
+"""AdamW with warmup + cosine decay to a floor, gradient clipping and a trainable set.
+
+Which parameters train is data: regular expressions over '/'-joined parameter paths
+(big_vision style). Frozen parameters get `optax.set_to_zero()`, which holds no state, so
+they cost no optimizer memory and stay bit-identical.
+"""
+
+import re
+
+import jax
+import optax
+
+
+def learning_rate_schedule(cfg, total_steps):
+  warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_learning_rate)
+
+
+def path_name(path):
+  """'a/b/c' for a pytree key path (boxed params included)."""
+  parts = []
+  for key in path:
+    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+    if name is not None and name != "value":
+      parts.append(str(name))
+  return "/".join(parts)
+
+
+def trainable_labels(params, patterns):
+  """'train' for parameters whose path fully matches one of `patterns`, else 'freeze'."""
+  compiled = [re.compile(p) for p in patterns]
+  def label(path, _):
+    name = path_name(path)
+    return "train" if any(p.fullmatch(name) for p in compiled) else "freeze"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg, total_steps):
+  """The optimizer of the config's `optimizer` section and its learning-rate schedule."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  adamw = optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip_norm),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+  patterns = tuple(cfg.trainable)
+  optimizer = optax.multi_transform(
+      {"train": adamw, "freeze": optax.set_to_zero()},
+      lambda params: trainable_labels(params, patterns))
+  return optimizer, schedule

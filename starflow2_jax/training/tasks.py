@@ -1,0 +1,15 @@
+"""Tasks by name: `config.task` picks what the trainer trains (big_vision-style plug-ins)."""
+
+from starflow2_jax.training import caption_to_image
+
+TASKS = {
+    "caption_to_image": caption_to_image.CaptionToImageTask,
+}
+
+
+def build_task(config):
+  try:
+    task_cls = TASKS[config.task]
+  except KeyError:
+    raise ValueError(f"config.task={config.task!r} is not one of {sorted(TASKS)}") from None
+  return task_cls(config)

@@ -1,0 +1,193 @@
+"""The trainer: one function that reads top to bottom, the same for every task and stage.
+
+    record -> batch -> jitted, sharded step -> metrics, samples and checkpoints
+
+Resume is exact: the batch at step k comes from the checkpointed iterator position and the
+step's randomness is fold_in(seed, k), so a run stopped and resumed ends bit-identical to an
+uninterrupted one. SIGTERM saves a checkpoint and returns; the last step is always saved.
+"""
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import optax
+from PIL import Image
+
+from starflow2_jax import sharding
+from starflow2_jax.training import checkpointing
+from starflow2_jax.training import data as data_lib
+from starflow2_jax.training import metrics as metrics_lib
+from starflow2_jax.training import optimizer as optimizer_lib
+from starflow2_jax.training import state as state_lib
+from starflow2_jax.training import tasks
+
+
+class TrainResult(NamedTuple):
+  summary: dict
+  state: state_lib.TrainState
+  task: object
+
+
+class _StopSignal:
+  """Turns SIGTERM into a flag the loop checks between steps (so we save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint, then stopping")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_train_step(task, optimizer, schedule, seed):
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    (_, step_metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = dict(step_metrics, learning_rate=schedule(state.step),
+                        grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
+  return train_step
+
+
+def evaluate(eval_step, params, batches, mesh, rules, seed):
+  """Averages a task's eval metrics over the held-out batches."""
+  acc = metrics_lib.MetricAccumulator()
+  for i, batch in enumerate(batches):
+    rng = jax.random.fold_in(jax.random.key(seed + 1), i)
+    acc.add(eval_step(params, sharding.global_batch(batch, mesh, rules), rng))
+  return acc.compute()
+
+
+def save_samples(task, params, step, workdir, writer, seed):
+  grid, *_ = task.sample_grid(params, jax.random.fold_in(jax.random.key(seed + 2), step))
+  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
+  writer.image(step, "samples", grid)
+  return path
+
+
+def train(config, workdir):
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the summary (also written to `<workdir>/summary.json`), the final state and the
+  task, so that callers (the demo, tests) can go on evaluating without a reload.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  start_time = time.time()
+  cfg_train = config.train
+
+  # ---- Task, mesh and input pipeline -------------------------------------------------
+  task = tasks.build_task(config)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = sharding.rules_from_config(config.mesh.rules)
+  data_dir = data_lib.prepare_data_dir(config, workdir)
+  train_iter = iter(data_lib.train_dataset(config, task, data_dir))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # ---- Optimizer and sharded state (abstract first) --------------------------------
+    optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, cfg_train.steps)
+    abstract, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+
+    # ---- Resume or initialise ---------------------------------------------------------
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              keep=cfg_train.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(abstract, train_iter)
+      logging.info("resumed from step %d", int(state.step))
+    else:
+      state = state_lib.create_state(task.init_params, optimizer, shardings,
+                                     jax.random.key(config.seed))
+
+    # ---- Compiled steps ---------------------------------------------------------------
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    replicated = sharding.replicated(mesh)
+    train_step = jax.jit(make_train_step(task, optimizer, schedule, config.seed),
+                         in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, replicated), donate_argnums=(0,))
+    eval_step = jax.jit(task.eval_metrics, in_shardings=(shardings.params, batch_sharding, replicated),
+                        out_shardings=replicated)
+
+    # ---- Loop ---------------------------------------------------------------------------
+    writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
+    step = int(state.step)
+    train_acc = metrics_lib.MetricAccumulator()
+    last_train, last_eval = {}, {}
+    bar = metrics_lib.progress_bar(step, cfg_train.steps)
+    deadline = (start_time + 60 * cfg_train.time_limit_minutes
+                if cfg_train.time_limit_minutes > 0 else None)
+    stopped_early = False
+
+    def run_eval(step):
+      batches = data_lib.eval_batches(config, task, data_dir)
+      result = evaluate(eval_step, state.params, batches, mesh, rules, config.seed)
+      writer.scalars(step, result, prefix="eval/")
+      logging.info("step %d eval %s", step, result)
+      return result
+
+    with _StopSignal() as stop:
+      while step < cfg_train.steps:
+        batch = sharding.global_batch(next(train_iter), mesh, rules)
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        train_acc.add(step_metrics)
+        bar.update(1)
+        if step % cfg_train.log_every == 0 or step == cfg_train.steps:
+          last_train = train_acc.compute()
+          writer.scalars(step, last_train, prefix="train/")
+          bar.set_postfix(loss=f"{last_train['loss']:.4f}")
+        if cfg_train.eval_every and step % cfg_train.eval_every == 0 and step < cfg_train.steps:
+          last_eval = run_eval(step)
+        if cfg_train.sample_every and step % cfg_train.sample_every == 0:
+          save_samples(task, state.params, step, workdir, writer, config.seed)
+        timed_out = deadline is not None and time.time() > deadline
+        if step % cfg_train.checkpoint_every == 0 or stop.requested or timed_out:
+          checkpointer.save(step, state, train_iter)
+        if stop.requested or timed_out:
+          stopped_early = True
+          logging.warning("stopping at step %d (%s)", step,
+                          "SIGTERM" if stop.requested else "time limit")
+          break
+    bar.close()
+    if checkpointer.latest_step() != step:                    # the last step, always
+      checkpointer.save(step, state, train_iter, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    if not last_train:
+      last_train = train_acc.compute()
+
+    # ---- Final evaluation, samples and summary ----------------------------------------
+    last_eval = run_eval(step) if not stopped_early or not last_eval else last_eval
+    sample_path = save_samples(task, state.params, step, workdir, writer, config.seed)
+    writer.flush()
+    writer.close()
+
+  summary = dict(
+      step=step, train_loss=last_train.get("loss"), train_nll=last_train.get("nll"),
+      test_bpd=last_eval.get("pixel_bpd"), test_nll=last_eval.get("nll"),
+      stopped_early=stopped_early, wall_seconds=time.time() - start_time,
+      samples=os.path.relpath(sample_path, workdir))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return TrainResult(summary, state, task)
