@@ -1,0 +1,198 @@
+"""Grain input pipeline over interleaved-record ArrayRecord shards.
+
+Built from `grain.MapDataset` index transformations, so the batch at each position is a
+pure function of (seed, position) and the iterator state is just a position: `get_state`
+/ `set_state` (and Orbax, via `grain.checkpoint.CheckpointSave`) resume exactly. Reading
+is in-process (optionally with threads); worker processes need absl flags to be parsed
+and are slower on few cores anyway.
+
+Records that cannot be decoded, or do not fit the example transform, are skipped rather
+than fatal: each bad record is logged once, naming its file and index, and counted in a
+SkipCounter.
+"""
+
+import bisect
+import dataclasses
+import logging
+import os
+import threading
+
+import grain
+import numpy as np
+from array_record.python import array_record_module
+
+from data_pipelines import records
+from data_pipelines import text
+
+
+class RecordMismatchError(ValueError):
+  """A well-formed record that does not fit the example transform (it is skipped)."""
+
+
+class SkipCounter:
+  """Thread-safe tally of skipped records; each record is logged and counted once."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._reasons = {}
+
+  def add(self, where, reason):
+    """Notes that record `where` (e.g. "file.array_record record 7") was skipped."""
+    with self._lock:
+      if where in self._reasons:
+        return
+      self._reasons[where] = reason
+    logging.warning("skipping %s: %s", where, reason)
+
+  @property
+  def count(self):
+    """Number of distinct records skipped so far."""
+    with self._lock:
+      return len(self._reasons)
+
+  @property
+  def reasons(self):
+    """{record location: reason}, a copy."""
+    with self._lock:
+      return dict(self._reasons)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionImageExample:
+  """Maps a one-caption, one-image record to fixed-shape arrays for text-image training.
+
+  Output: {"image": uint8[H, W, C], "caption_ids": int32[L], "caption_mask": bool[L],
+  "label": int32 (meta "label", or -1)}. Raises RecordMismatchError on anything else.
+  """
+
+  image_shape: tuple
+  max_caption_len: int
+  tokenizer: text.ByteTokenizer = dataclasses.field(default_factory=text.ByteTokenizer)
+
+  def __call__(self, record):
+    texts = [s for s in record.segments if isinstance(s, records.TextSegment)]
+    images = [s for s in record.segments if isinstance(s, records.ImageSegment)]
+    if len(texts) != 1 or len(images) != 1:
+      raise RecordMismatchError(
+          f"expected one text and one image segment, got {len(texts)} text and "
+          f"{len(images)} image")
+    image = images[0].to_array()
+    if image.shape != tuple(self.image_shape):
+      raise RecordMismatchError(
+          f"image shape {image.shape}, expected {tuple(self.image_shape)} (HxWxC)")
+    label = record.meta.get("label", -1)
+    if not isinstance(label, int):
+      raise RecordMismatchError(f"meta 'label' is {label!r}, not an int")
+    ids, mask = self.tokenizer.encode(texts[0].text, self.max_caption_len)
+    return {"image": image, "caption_ids": ids, "caption_mask": mask,
+            "label": np.int32(label)}
+
+
+def _num_records(path):
+  """Records in one ArrayRecord file, with errors that name the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"ArrayRecord file {path!r} does not exist")
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    count = reader.num_records()
+    reader.close()
+  except RuntimeError as e:  # array_record reports bad files as RuntimeError
+    raise ValueError(f"{path!r} is not a readable ArrayRecord file: {e}") from e
+  return count
+
+
+class _RecordLocator:
+  """Turns a global record index over several shards into "file record i" for messages."""
+
+  def __init__(self, paths):
+    self._paths = list(paths)
+    self._ends = []
+    total = 0
+    for path in self._paths:
+      total += _num_records(path)
+      self._ends.append(total)
+
+  def __len__(self):
+    return self._ends[-1] if self._ends else 0
+
+  def __call__(self, index):
+    index %= len(self)  # Grain passes indices of later epochs past the end.
+    shard = bisect.bisect_right(self._ends, index)
+    start = self._ends[shard - 1] if shard else 0
+    return f"{self._paths[shard]} record {index - start}"
+
+
+def _with_index(index, data):
+  return index, data
+
+
+def _is_example(example):
+  return example is not None
+
+
+class _DecodeAndTransform:
+  """Decodes an (index, bytes) pair and applies the transform; None marks a skipped record."""
+
+  def __init__(self, transform, locate, skips):
+    self._transform = transform
+    self._locate = locate
+    self._skips = skips
+
+  def __call__(self, keyed):
+    index, data = keyed
+    try:
+      return self._transform(records.decode_record(data))
+    except (records.MalformedRecordError, RecordMismatchError) as e:
+      self._skips.add(self._locate(index), str(e))
+      return None
+
+
+def make_dataset(paths, transform, *, batch_size, seed, shuffle=True, num_epochs=None,
+                 process_index=0, process_count=1, drop_remainder=True, skip_counter=None,
+                 read_threads=2):
+  """A batched, checkpointable grain.IterDataset of `transform(record)` examples.
+
+  Pipeline: ArrayRecord source -> this process's records (`[process_index::process_count]`)
+  -> seeded shuffle, reshuffled each epoch -> repeat -> decode + transform -> drop skipped
+  records -> batch. Shuffling and sharding happen on record indices, before decoding.
+
+  Args:
+    paths: ArrayRecord shard paths (see `writers.find_split_files`).
+    transform: callable InterleavedRecord -> example (a dict of arrays); raise
+      RecordMismatchError (or records.MalformedRecordError) to skip a record.
+    batch_size: examples per batch (per process).
+    seed: shuffle seed; the same seed gives the same batches.
+    shuffle: whether to shuffle.
+    num_epochs: passes over the data; None repeats forever.
+    process_index: this process's index among `process_count` data-loading processes.
+    process_count: number of processes; each sees a disjoint share of the records.
+    drop_remainder: drop a final partial batch (only matters when num_epochs is set).
+    skip_counter: a SkipCounter to count skipped records in; a new one if None.
+    read_threads: threads decoding records in this process (0 = in the calling thread).
+
+  Returns:
+    A grain.IterDataset; `iter(ds)` gives an iterator with `get_state`/`set_state`.
+  """
+  paths = [str(p) for p in paths]
+  if not paths:
+    raise ValueError("make_dataset needs at least one ArrayRecord path")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  locate = _RecordLocator(paths)
+  if len(locate) < process_count:
+    raise ValueError(f"{len(locate)} records in {paths} cannot feed {process_count} processes")
+  skips = skip_counter if skip_counter is not None else SkipCounter()
+  decode = _DecodeAndTransform(transform, locate, skips)
+
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  ds = ds.map_with_index(_with_index)
+  ds = ds[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(decode)
+  ds = ds.filter(_is_example)
+  read_options = grain.ReadOptions(num_threads=read_threads,
+                                   prefetch_buffer_size=max(2 * batch_size, 16))
+  ds = ds.to_iter_dataset(read_options)
+  return ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -1,0 +1,47 @@
+"""Tiny synthetic inputs for tests: fake Fashion-MNIST idx files and captioned records.
+
+Tests build their own data with these instead of relying on files installed on the machine.
+"""
+
+import gzip
+import os
+
+import numpy as np
+
+from data_pipelines import fashion_mnist
+from data_pipelines import records
+
+
+def idx_bytes(array):
+  """The idx encoding (unsigned-byte magic, big-endian dims, then data) of a uint8 array."""
+  array = np.asarray(array, dtype=np.uint8)
+  header = np.array([0x800 | array.ndim, *array.shape], dtype=">u4").tobytes()
+  return header + array.tobytes()
+
+
+def write_fake_fashion_mnist(source_dir, num_train=6, num_test=4, gzipped=True, seed=0):
+  """Writes the four Fashion-MNIST idx files with random 28x28 images; returns {split: labels}."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(source_dir, exist_ok=True)
+  labels_by_split = {}
+  for split, count in (("train", num_train), ("test", num_test)):
+    prefix = fashion_mnist.SPLITS[split]
+    images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count, dtype=np.uint8) % len(fashion_mnist.CLASS_NAMES)
+    for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+      data = idx_bytes(array)
+      name = f"{prefix}-{kind}-ubyte" + (".gz" if gzipped else "")
+      with open(os.path.join(source_dir, name), "wb") as f:
+        f.write(gzip.compress(data) if gzipped else data)
+    labels_by_split[split] = labels.astype(np.int64)
+  return labels_by_split
+
+
+def caption_image_records(num_records, image_shape=(8, 8, 3)):
+  """Records [caption "item i", image filled with i % 256] with meta {"label": i}."""
+  out = []
+  for i in range(num_records):
+    image = np.full(image_shape, i % 256, dtype=np.uint8)
+    segments = (records.TextSegment(f"item {i}"), records.ImageSegment.from_array(image))
+    out.append(records.InterleavedRecord(segments, {"label": i}))
+  return out
