@@ -13,6 +13,7 @@ import numpy as np
 
 from data_pipelines import pipeline
 from data_pipelines import text as text_lib
+from starflow2_jax import image_io
 from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import noise
 from starflow2_jax.flows import stack
@@ -147,11 +148,5 @@ class CaptionToImageTask:
     rows = len(s.captions)
     grid = np.concatenate([plain.reshape(rows, s.per_class, *plain.shape[1:]),
                            guided.reshape(rows, s.per_class, *guided.shape[1:])], axis=1)
-    return image_grid(grid), plain, guided, labels
+    return image_io.image_grid(grid), plain, guided, labels
 
-
-def image_grid(images_rchwc, pad=2):
-  """[rows, cols, H, W, C] uint8 -> one [rows·(H+pad), cols·(W+pad), C] image."""
-  rows, cols, h, w, c = images_rchwc.shape
-  padded = np.pad(images_rchwc, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0)), constant_values=255)
-  return padded.transpose(0, 2, 1, 3, 4).reshape(rows * (h + pad), cols * (w + pad), c)

@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import ml_collections
 import optax
-from PIL import Image
 
+from starflow2_jax import image_io
 from starflow2_jax import sharding
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import data as data_lib
@@ -26,6 +27,9 @@ from starflow2_jax.training import metrics as metrics_lib
 from starflow2_jax.training import optimizer as optimizer_lib
 from starflow2_jax.training import state as state_lib
 from starflow2_jax.training import tasks
+
+
+CONFIG_FILE = "config.json"
 
 
 class TrainResult(NamedTuple):
@@ -80,11 +84,8 @@ def evaluate(eval_step, params, batches, mesh, rules, seed):
 
 def save_samples(task, params, step, workdir, writer, seed):
   grid, *_ = task.sample_grid(params, jax.random.fold_in(jax.random.key(seed + 2), step))
-  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
   writer.image(step, "samples", grid)
-  return path
+  return image_io.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
 
 
 def train(config, workdir):
@@ -96,6 +97,9 @@ def train(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   start_time = time.time()
   cfg_train = config.train
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json(indent=2))
 
   # ---- Task, mesh and input pipeline -------------------------------------------------
   task = tasks.build_task(config)
@@ -191,3 +195,28 @@ def train(config, workdir):
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return TrainResult(summary, state, task)
+
+
+def load_config(workdir):
+  """The config a run in `workdir` was trained with (written there by `train`)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir} a training workdir? "
+                            "Pass --config to say which config to use.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(config, workdir, step=None):
+  """(task, params, step) from the latest (or given) checkpoint of a training workdir,
+  placed on the config's mesh; the optimizer state is read as well but not kept."""
+  task = tasks.build_task(config)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  rules = sharding.rules_from_config(config.mesh.rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+    abstract, _ = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    state = checkpointer.restore(abstract, step=step)
+    checkpointer.close()
+  return task, state.params, int(state.step)
