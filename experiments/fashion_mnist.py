@@ -30,7 +30,7 @@ def get_config(preset=""):
       test_split="test",
       image_size=(28, 28),
       channels=1,
-      max_caption_len=32,
+      max_caption_len=24,            # bytes; the longest caption is 24
   )
   c.latent = dict(name="patch", patch_size=4)
   c.model = dict(

@@ -25,7 +25,8 @@ def latent_bits_per_dim(nll_nats_per_dim):
 def pixel_bits_per_dim(nll_nats_per_dim):
   """Bits per 8-bit pixel value for data scaled to [−1, 1] (bin width 2/256).
 
-  A density p on [−1, 1] is a density p·(2/256)... per bin of the 0..255 scale, so the
-  discrete NLL bound is NLL + ln(128) nats, comparable to the TARFlow papers.
+  Rescaling [−1, 1] to the 0..256 pixel scale divides densities by 128, so the NLL on the
+  pixel scale (a bound on the discrete NLL under uniform dequantisation) is NLL + ln 128
+  nats; this is the convention of the TARFlow papers.
   """
   return (nll_nats_per_dim + math.log(128.0)) / math.log(2)
