@@ -6,10 +6,12 @@ Commands:
   eval          held-out bits/dim of a trained workdir
   sample        images for `--captions` from a trained workdir
   prepare-data  write ArrayRecord files (Fashion-MNIST, or a folder of images + JSONL)
+  convert-qwen  a Hugging Face Qwen2.5-VL checkpoint -> an Orbax copy (`--hf-dir`, `--out`)
+  generate      answer `--prompt` (and `--image`s) with a Qwen2.5-VL directory (`--vlm`)
 
 Configs are ml_collections files: `--config experiments/fashion_mnist.py[:preset]`, and any
 field can be overridden: `--config.train.steps=100`. `eval` and `sample` default to the
-config saved in the workdir. See docs/cli.md.
+config saved in the workdir. See docs/cli.md (and docs/qwen.md for the VLM commands).
 """
 
 import json
@@ -40,6 +42,18 @@ _SOURCE_DIR = flags.DEFINE_string("source_dir", None,
 _CAPTIONS_JSONL = flags.DEFINE_string("captions_jsonl", None,
                                       "prepare-data image_folder: JSONL of {file, caption}.")
 _SPLIT = flags.DEFINE_string("split", "train", "prepare-data image_folder: split name.")
+_HF_DIR = flags.DEFINE_string("hf-dir", None, "convert-qwen: the Hugging Face checkpoint dir.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
+                           "convert-qwen / generate: parameter dtype.")
+_VLM = flags.DEFINE_string("vlm", None, "generate: a converted or Hugging Face Qwen2.5-VL dir.")
+_PROMPT = flags.DEFINE_string("prompt", None, "generate: the user's message.")
+_IMAGES = flags.DEFINE_multi_string("image", [], "generate: an image file (repeatable).")
+_MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "generate: answer length limit.")
+_GREEDY = flags.DEFINE_boolean("greedy", False, "generate: argmax decoding (else sampling).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature.")
+_TOP_P = flags.DEFINE_float("top-p", 0.9, "generate: nucleus sampling mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+_JSON = flags.DEFINE_boolean("json", False, "generate: print JSON with the token ids.")
 
 
 def _config(fallback_workdir=None):
@@ -105,12 +119,39 @@ def cmd_prepare_data(argv):
     print(f"{split}: {summary.written} written, {summary.skipped} skipped -> {out}")
 
 
+def cmd_convert_qwen(argv):
+  import jax.numpy as jnp
+  from starflow2_jax.convert import qwen
+  if not (_HF_DIR.value and _OUT.value):
+    raise app.UsageError("convert-qwen needs --hf-dir and --out")
+  params = qwen.load_hf_checkpoint(_HF_DIR.value, dtype=jnp.dtype(_DTYPE.value))
+  print(f"wrote {qwen.save_converted(params, _HF_DIR.value, _OUT.value)}")
+
+
+def cmd_generate(argv):
+  import jax.numpy as jnp
+  from starflow2_jax.sampling import vlm_chat
+  if not (_VLM.value and _PROMPT.value):
+    raise app.UsageError("generate needs --vlm and --prompt")
+  answer = vlm_chat.answer(
+      _VLM.value, _PROMPT.value, _IMAGES.value, max_new_tokens=_MAX_NEW.value,
+      greedy=_GREEDY.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+      seed=_SEED.value, dtype=jnp.dtype(_DTYPE.value))
+  if _JSON.value:
+    print(json.dumps(dict(text=answer.text, token_ids=answer.token_ids,
+                          prompt_tokens=answer.prompt_tokens)))
+  else:
+    print(answer.text)
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "train": cmd_train,
     "eval": cmd_eval,
     "sample": cmd_sample,
     "prepare-data": cmd_prepare_data,
+    "convert-qwen": cmd_convert_qwen,
+    "generate": cmd_generate,
 }
 
 

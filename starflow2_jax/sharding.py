@@ -20,6 +20,7 @@ DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", None),   # grouped-query K/V heads (Qwen: 2–4) rarely divide the tensor axis
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("length", None),

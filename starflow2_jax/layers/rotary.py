@@ -22,3 +22,27 @@ def apply_rotary(x_btnh, angles_bth):
   sin = jnp.sin(angles_bth)[:, :, None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_btnh.dtype)
+
+
+def mrope_angles(positions_3bt, head_dim, theta, mrope_section):
+  """Qwen2.5-VL multimodal RoPE: angles [B, T, head_dim // 2] from (t, row, col) positions.
+
+  The frequencies are those of `rotary_angles`; `mrope_section` splits them into consecutive
+  chunks, chunk i rotating by position axis i % 3 (e.g. [16, 24, 24] for head_dim 128).
+  For text tokens all three axes are equal, which reduces to plain 1-D RoPE.
+  """
+  half = head_dim // 2
+  if sum(mrope_section) != half:
+    raise ValueError(f"mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, "
+                     f"not head_dim // 2 = {half}")
+  axis_of_freq = [i % 3 for i, size in enumerate(mrope_section) for _ in range(size)]
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  positions_hbt = jnp.take(positions_3bt, jnp.asarray(axis_of_freq), axis=0)
+  return jnp.moveaxis(positions_hbt.astype(jnp.float32), 0, -1) * inv_freq
+
+
+def axial_angles(rows_bt, cols_bt, head_dim, theta):
+  """2-D RoPE of the Qwen2.5-VL vision tower: the first half of the angles rotate by row,
+  the second half by column, each with the frequencies of a head of size head_dim // 2."""
+  return jnp.concatenate([rotary_angles(rows_bt, head_dim // 2, theta),
+                          rotary_angles(cols_bt, head_dim // 2, theta)], axis=-1)

@@ -1,0 +1,1 @@
+"""Importers of Hugging Face checkpoints into sharded Flax parameters."""

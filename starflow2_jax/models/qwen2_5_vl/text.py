@@ -1,0 +1,91 @@
+"""The Qwen2.5-VL language decoder: token embedding, pre-norm GQA layers with M-RoPE, LM head.
+
+Inputs are embeddings, not ids, so image features (or STARFlow2's adapter outputs) can take
+the place of token embeddings; positions are the 3-D (t, row, col) M-RoPE positions
+[3, B, T] of `positions.rope_index`. The KV cache is the library's `KVCache` with
+`num_kv_heads` heads per layer (`model.empty_cache`).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from starflow2_jax.layers import attention
+from starflow2_jax.layers import kv_cache as kv_cache_lib
+from starflow2_jax.layers import rotary
+from starflow2_jax.models.qwen2_5_vl import blocks
+
+
+class DecoderLayer(nn.Module):
+  config: object            # config.TextConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd, angles_bth, valid_bt, layer_cache, cache_length, cache_valid_bs):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h_btd = blocks.RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x_btd)
+    h_btd, layer_cache = attention.CausalSelfAttention(
+        cfg.num_heads, cfg.head_dim, use_bias=True, num_kv_heads=cfg.num_kv_heads,
+        name="attention", **kw)(h_btd, None, valid_bt, layer_cache, cache_length,
+                                cache_valid_bs, angles_bth=angles_bth)
+    x_btd = x_btd + h_btd
+    h_btd = blocks.RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **kw)(x_btd)
+    x_btd = x_btd + blocks.SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h_btd)
+    return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), layer_cache
+
+
+class TextDecoder(nn.Module):
+  """`embed(ids)`, `__call__(embeds, positions_3bt, valid, cache)` -> (final-norm hidden, cache),
+  `logits(hidden)`."""
+  config: object            # config.TextConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embedding = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ("vocab", "embed")))
+    self.layers = [DecoderLayer(cfg, name=f"layer_{i}", **kw) for i in range(cfg.num_layers)]
+    self.final_norm = blocks.RMSNorm(cfg.rms_norm_eps, name="final_norm", **kw)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param(
+          "lm_head", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                  ("embed", "vocab")),
+          (cfg.hidden_size, cfg.vocab_size), self.param_dtype)
+
+  def embed(self, ids_bt):
+    return self.embedding(ids_bt)
+
+  def logits(self, hidden_btd):
+    """Logits in float32 (the LM head itself runs in the compute dtype)."""
+    if self.config.tie_word_embeddings:
+      logits = self.embedding.attend(hidden_btd.astype(self.dtype))
+    else:
+      logits = jnp.einsum("btd,dv->btv", hidden_btd.astype(self.dtype),
+                          self.lm_head.astype(self.dtype))
+    return logits.astype(jnp.float32)
+
+  def __call__(self, embeds_btd, positions_3bt, valid_bt, cache=None):
+    cfg = self.config
+    x_btd = nn.with_logical_constraint(embeds_btd.astype(self.dtype), ("batch", "length", "embed"))
+    angles_bth = rotary.mrope_angles(positions_3bt, cfg.head_dim, cfg.rope_theta,
+                                     cfg.mrope_section)
+    if cache is None:
+      layer_caches, cache_length, cache_valid = (None,) * cfg.num_layers, None, None
+    else:
+      layer_caches, cache_length = cache.layers, cache.length
+      cache_valid = jax.lax.dynamic_update_slice(cache.valid_bs, valid_bt, (0, cache_length))
+    new_caches = []
+    for layer, layer_cache in zip(self.layers, layer_caches):
+      x_btd, layer_cache = layer(x_btd, angles_bth, valid_bt, layer_cache, cache_length,
+                                 cache_valid)
+      new_caches.append(layer_cache)
+    if cache is not None:
+      cache = kv_cache_lib.KVCache(layers=tuple(new_caches), valid_bs=cache_valid,
+                                   length=cache_length + x_btd.shape[1])
+    return self.final_norm(x_btd), cache
