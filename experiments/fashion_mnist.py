@@ -34,7 +34,7 @@ def get_config(preset=""):
   )
   c.latent = dict(name="patch", patch_size=4)
   c.model = dict(
-      vocab_size=257,                # data_pipelines.text.ByteTokenizer
+      vocab_size=264,                # ByteTokenizer's 257, padded to a multiple of 8 to shard
       caption_width=128,
       deep=dict(width=128, num_layers=4, num_heads=4, mlp_ratio=4.0),
       shallow=dict(width=64, num_layers=2, num_heads=4, mlp_ratio=4.0),

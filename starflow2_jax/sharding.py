@@ -59,18 +59,29 @@ def rules_from_config(rules) -> tuple:
                for name, axes in rules)
 
 
+def _is_box(x):
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
 def logical_shardings(abstract_boxed_tree, mesh, rules):
-  """NamedShardings for a tree whose leaves carry logical names (from `jax.eval_shape`)."""
-  specs = nn.get_partition_spec(abstract_boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  """NamedShardings for a tree whose leaves carry logical names (from `jax.eval_shape`).
+
+  Boxes that hold no array (optax's `MaskedNode`, the optimizer state of a frozen
+  parameter) are unwrapped first, so the result matches `strip_axis_names` of the tree.
+  """
+  def drop_empty_box(x):
+    return x.unbox(apply_constraint=False) if _is_box(x) and not jax.tree.leaves(x) else x
+  tree = jax.tree.map(drop_empty_box, abstract_boxed_tree, is_leaf=_is_box)
+  specs = nn.get_partition_spec(tree)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(spec, rules)),
+                      specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def strip_axis_names(boxed_tree):
   """The values of a tree of logically partitioned boxes, without applying constraints
   (`nn.unbox` would constrain, which fails on abstract values outside of `jit`)."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x,
-                      boxed_tree, is_leaf=is_box)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x,
+                      boxed_tree, is_leaf=_is_box)
 
 
 def batch_sharding(mesh, rules):
