@@ -28,7 +28,7 @@ from experiments import fashion_mnist as default_experiment
 _DEFAULT_CONFIG = default_experiment.__file__
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "An experiment config file (experiments/*.py), optionally ':preset'.")
+    "config", _DEFAULT_CONFIG, "An experiment config file (experiments/*.py), optionally ':preset'.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
 _CAPTIONS = flags.DEFINE_multi_string("caption", None, "sample: a caption (repeatable).")
 _OUT = flags.DEFINE_string("out", None, "sample / prepare-data: output file or directory.")
@@ -57,13 +57,12 @@ _JSON = flags.DEFINE_boolean("json", False, "generate: print JSON with the token
 
 
 def _config(fallback_workdir=None):
-  """--config if given, else the workdir's saved config, else the embedded default."""
-  if _CONFIG.value is not None:
-    return _CONFIG.value
-  if fallback_workdir is not None:
+  """--config (default: the embedded default, with any --config.* overrides), except that
+  commands reading a workdir use the config saved there unless --config is given."""
+  if fallback_workdir is not None and not flags.FLAGS["config"].present:
     from starflow2_jax.training import trainer
     return trainer.load_config(fallback_workdir)
-  return default_experiment.get_config()
+  return _CONFIG.value
 
 
 def _require_workdir():

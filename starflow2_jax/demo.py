@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from data_pipelines import fashion_mnist
 from starflow2_jax import image_io
@@ -30,11 +31,17 @@ def run(config, workdir):
   judge = classifier.fit_logistic_regression(train_images, train_labels,
                                              len(fashion_mnist.CLASS_NAMES))
 
-  logging.info("sampling %d images per class, with and without guidance",
-               config.sample.per_class)
-  sample_rng = jax.random.key(config.seed + 3)
-  grid, plain, guided, labels = result.task.sample_grid(result.state.params, sample_rng)
+  params, task = result.state.params, result.task
+  grid_rng, judge_rng_plain, judge_rng_guided = jax.random.split(jax.random.key(config.seed + 3), 3)
+  grid, *_ = task.sample_grid(params, grid_rng)
   grid_path = image_io.save_png(grid, os.path.join(workdir, "demo_samples.png"))
+
+  per_class = config.demo.judge_per_class
+  logging.info("sampling %d images per class, with and without guidance, for the judge", per_class)
+  captions = [c for c in config.sample.captions for _ in range(per_class)]
+  labels = np.repeat(np.arange(len(config.sample.captions)), per_class)
+  plain = task.sample_captions(params, captions, judge_rng_plain)
+  guided = task.sample_captions(params, captions, judge_rng_guided, config.sample.guidance_weight)
 
   summary = dict(
       result.summary,
@@ -42,7 +49,8 @@ def run(config, workdir):
       guided_sample_accuracy=judge.accuracy(guided, labels),
       unguided_sample_accuracy=judge.accuracy(plain, labels),
       guidance_weight=config.sample.guidance_weight,
-      samples_per_class=config.sample.per_class,
+      judged_samples_per_class=per_class,
+      temperature=config.sample.temperature,
       sample_grid=os.path.basename(grid_path),
       train_seconds=train_seconds,
       total_seconds=time.time() - start)
@@ -57,7 +65,8 @@ def format_summary(summary):
       f"steps trained                      {summary['step']}",
       f"test bits/dim (pixels, 8-bit)      {summary['test_bpd']:.3f}",
       f"guided-sample accuracy             {summary['guided_sample_accuracy']:.1%}"
-      f"  (w = {summary['guidance_weight']})",
+      f"  (w = {summary['guidance_weight']}, τ = {summary['temperature']}, "
+      f"{summary['judged_samples_per_class']} per class)",
       f"unguided-sample accuracy           {summary['unguided_sample_accuracy']:.1%}",
       f"classifier accuracy on real test   {summary['classifier_test_accuracy']:.1%}",
       f"training time / total time         {summary['train_seconds']:.0f} s / "

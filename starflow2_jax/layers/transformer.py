@@ -10,6 +10,7 @@ from starflow2_jax.layers import attention
 from starflow2_jax.layers import kv_cache as kv_cache_lib
 from starflow2_jax.layers import mlp as mlp_lib
 from starflow2_jax.layers import norms
+from starflow2_jax.layers import rotary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +22,19 @@ class TransformerConfig:
   mlp_ratio: float = 4.0
   rope_theta: float = 10_000.0
   remat: bool = False
+  mrope_section: tuple | None = None   # set: positions are Qwen2.5-VL M-RoPE (t, row, col)
 
   @property
   def head_dim(self):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     return self.width // self.num_heads
+
+  def rotary_angles(self, positions):
+    """Angles [B, T, head_dim // 2] from positions [B, T] (1-D RoPE) or [3, B, T] (M-RoPE)."""
+    if self.mrope_section is None:
+      return rotary.rotary_angles(positions, self.head_dim, self.rope_theta)
+    return rotary.mrope_angles(positions, self.head_dim, self.rope_theta, self.mrope_section)
 
   def empty_cache(self, batch, max_length, dtype=jnp.float32):
     return kv_cache_lib.KVCache.zeros(
@@ -40,13 +48,15 @@ class TransformerLayer(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs):
+  def __call__(self, x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs,
+               angles_bth=None):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h_btd = norms.layer_norm("attention_norm", **kw)(x_btd)
     h_btd, layer_cache = attention.CausalSelfAttention(
         cfg.num_heads, cfg.head_dim, cfg.rope_theta, name="attention", **kw)(
-            h_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs)
+            h_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs,
+            angles_bth=angles_bth)
     x_btd = x_btd + h_btd
     h_btd = norms.layer_norm("mlp_norm", **kw)(x_btd)
     x_btd = x_btd + mlp_lib.MLP(int(cfg.mlp_ratio * cfg.width), name="mlp", **kw)(h_btd)
@@ -58,6 +68,7 @@ class Transformer(nn.Module):
 
   `__call__(x, positions, valid, cache=None)` returns `(y, cache)`. With a cache, this
   call's tokens are appended at `cache.length` and attend to everything before them.
+  Positions are [B, T], or [3, B, T] when `config.mrope_section` is set (M-RoPE).
   """
   config: TransformerConfig
   dtype: jnp.dtype = jnp.float32
@@ -73,10 +84,13 @@ class Transformer(nn.Module):
     else:
       layer_caches, cache_length = cache.layers, cache.length
       cache_valid = jax.lax.dynamic_update_slice(cache.valid_bs, valid_bt, (0, cache_length))
+    angles_bth = None
+    if self.config.mrope_section is not None:
+      angles_bth, positions_bt = self.config.rotary_angles(positions_bt), None
     new_layer_caches = []
     for i, layer_cache in enumerate(layer_caches):
       x_btd, layer_cache = layer_cls(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid)
+          x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid, angles_bth)
       new_layer_caches.append(layer_cache)
     y_btd = norms.layer_norm("final_norm", self.dtype, self.param_dtype)(x_btd)
     if cache is not None:

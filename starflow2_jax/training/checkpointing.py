@@ -7,7 +7,9 @@ steps, and restores into any mesh: the target is the abstract state with its sha
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 class Checkpointer:
@@ -47,3 +49,33 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def restore_params_subset(directory, params, step=None):
+  """Warm start: `params` with every leaf that a trainer checkpoint also holds (same path,
+  same shape) read from it, the rest kept (e.g. the skips a new stage adds).
+
+  Reads only those leaves, straight into the shardings of `params`. Returns
+  (params, names restored); raises if the checkpoint shares no leaf with `params`.
+  """
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step() if step is None else step
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory} to warm-start from")
+  path = os.path.join(os.path.abspath(directory), str(step), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  saved = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree["params"],
+                                     sep="/")
+  wanted = traverse_util.flatten_dict(params, sep="/")
+  shared = {k: v for k, v in wanted.items()
+            if k in saved and tuple(saved[k].shape) == tuple(v.shape)}
+  if not shared:
+    raise ValueError(f"the checkpoint at {path} shares no parameter with the model")
+  target = {"params": traverse_util.unflatten_dict(shared, sep="/")}
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
+  merged = dict(wanted, **traverse_util.flatten_dict(restored["params"], sep="/"))
+  merged = {k: jax.numpy.asarray(v, wanted[k].dtype) for k, v in merged.items()}
+  return traverse_util.unflatten_dict(merged, sep="/"), sorted(shared)

@@ -47,7 +47,8 @@ def train_dataset(config, task, data_dir, skip_counter=None):
   return pipeline.make_dataset(
       paths, task.example_transform(), batch_size=_per_process_batch(config.train.batch_size),
       seed=config.seed, shuffle=True, process_index=jax.process_index(),
-      process_count=jax.process_count(), skip_counter=skip_counter)
+      process_count=jax.process_count(), skip_counter=skip_counter,
+      read_threads=config.data.read_threads)
 
 
 def eval_batches(config, task, data_dir):

@@ -1,9 +1,11 @@
 """Tasks by name: `config.task` picks what the trainer trains (big_vision-style plug-ins)."""
 
 from starflow2_jax.training import caption_to_image
+from starflow2_jax.training import pretzel_stages
 
 TASKS = {
     "caption_to_image": caption_to_image.CaptionToImageTask,
+    "pretzel": pretzel_stages.PretzelTask,
 }
 
 

@@ -122,6 +122,8 @@ def train(config, workdir):
     else:
       state = state_lib.create_state(task.init_params, optimizer, shardings,
                                      jax.random.key(config.seed))
+      if hasattr(task, "warm_start"):   # a later stage starts from an earlier one's weights
+        state = state.replace(params=task.warm_start(state.params))
 
     # ---- Compiled steps ---------------------------------------------------------------
     batch_sharding = sharding.batch_sharding(mesh, rules)

@@ -1,0 +1,262 @@
+"""The Pretzel model (SPEC §1): a frozen VLM stream and a TARFlow stream over one sequence.
+
+Both streams read the same interleaved sequence under one causal mask, with the same
+M-RoPE positions, and the output at position i predicts element i + 1:
+
+  VLM:   e^V = TokEmbed(w) at text positions, Adapter(u, t) at visual ones;  h^V = VLM(e^V)
+  flow:  e^F = P_c(h^V) at text positions, P_u(u) + W_v h^V at visual ones (+ MLP(log t));
+         g = Deep(e^F);  (μ, log s) of the next visual element = Head_F(g)
+  text:  logits = LMHead(h^V + W_t g), LMHead being the VLM's own
+
+Images pass through the visual-only shallow blocks first (x -> u); only u enters the shared
+sequence. Parameter names, which the stages' trainable patterns select:
+  vlm/…          the Qwen2.5-VL text decoder (frozen: its parameters' gradients are stopped)
+  adapter/…      u -> VLM input embedding
+  shallow_{k}/…  the shallow flow blocks
+  flow/…         P_c (p_c), P_u (p_u), the noise embedding, the deep Transformer, Head_F (head)
+  w_v, w_t       the zero-initialised vertical skips (present when `config.skips`)
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from starflow2_jax.flows import affine
+from starflow2_jax.flows import likelihood
+from starflow2_jax.flows import stack
+from starflow2_jax.layers import embeddings
+from starflow2_jax.layers import kv_cache as kv_cache_lib
+from starflow2_jax.layers import transformer as transformer_lib
+from starflow2_jax.models import adapter as adapter_lib
+from starflow2_jax.models.qwen2_5_vl import config as qwen_config
+from starflow2_jax.models.qwen2_5_vl import text as text_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class PretzelConfig:
+  """Attributes:
+    vlm: the Qwen2.5-VL text decoder's numbers.
+    flow: latent_dim D, the deep and shallow Transformers, the number of shallow blocks, the
+      scale function and noise conditioning (`flow.context_dim` is unused: P_c reads h^V).
+    adapter_hidden: the adapter MLP's hidden width.
+    skips: build W_v and W_t (stage 3); without them the model is that of stages 1–2.
+    freeze_vlm: stop gradients into the VLM's parameters.
+    vlm_dtype: the VLM's compute and parameter dtype ("bfloat16" halves a frozen VLM).
+  """
+  vlm: qwen_config.TextConfig
+  flow: stack.FlowConfig
+  adapter_hidden: int
+  skips: bool = True
+  freeze_vlm: bool = True
+  vlm_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.flow.deep.mrope_section is None:
+      raise ValueError("the deep Transformer reads the VLM's M-RoPE positions: set "
+                       "flow.deep.mrope_section (e.g. pretzel.mrope_section(head_dim))")
+
+
+def mrope_section(head_dim):
+  """Qwen2.5-VL's split of the rotary frequencies over (t, row, col) — a quarter, then
+  halves of the rest ((16, 24, 24) at head_dim 128) — for another head size."""
+  half = head_dim // 2
+  t = half // 4
+  row = (half - t + 1) // 2
+  return (t, row, half - t - row)
+
+
+class ImageTerms(NamedTuple):
+  """Per image [B, M, …]: the flow's Gaussian end and its log-determinants (SPEC eq. 3.3)."""
+  z_bmnd: jnp.ndarray
+  u_bmnd: jnp.ndarray
+  log_det_shallow_bm: jnp.ndarray
+  log_det_deep_bm: jnp.ndarray
+
+  def nll_per_dim(self):
+    """−log p(x̃ | context) / (N·D) per image, in nats."""
+    b, m, n, d = self.z_bmnd.shape
+    nll = likelihood.nll_per_dim(self.z_bmnd.reshape(b * m, n, d),
+                                 (self.log_det_shallow_bm + self.log_det_deep_bm).reshape(-1))
+    return nll.reshape(b, m)
+
+
+class Streams(NamedTuple):
+  h_vlm_btc: jnp.ndarray     # h^V, the VLM's final-norm hidden states
+  g_btw: jnp.ndarray         # g, the deep flow stream's output
+  cache: object              # PretzelCache or None
+
+
+class PretzelOutput(NamedTuple):
+  logits_btv: jnp.ndarray | None
+  images: ImageTerms
+
+
+@flax.struct.dataclass
+class PretzelCache:
+  """One KV cache per stream; both advance together, one slot per sequence position."""
+  vlm: kv_cache_lib.KVCache
+  flow: kv_cache_lib.KVCache
+
+
+def empty_cache(config, batch, max_length, dtype=jnp.float32):
+  v = config.vlm
+  vlm = kv_cache_lib.KVCache.zeros(batch=batch, max_length=max_length,
+                                   num_layers=v.num_layers, num_heads=v.num_kv_heads,
+                                   head_dim=v.head_dim, dtype=jnp.dtype(config.vlm_dtype))
+  return PretzelCache(vlm, config.flow.deep.empty_cache(batch, max_length, dtype))
+
+
+def _stop_gradient(variables):
+  return jax.tree.map(jax.lax.stop_gradient, variables)
+
+
+# The VLM with every parameter read through stop_gradient: frozen, while gradients still
+# flow through it to the adapter (stage 2 trains the adapter by the VLM's text loss).
+FrozenTextDecoder = nn.map_variables(
+    text_lib.TextDecoder, "params", trans_in_fn=_stop_gradient, init=True,
+    methods=["__call__", "embed", "logits"])
+
+
+def place_elements(u_bmnd, image_positions_bmn, image_valid_bm, length):
+  """Scatters image elements to their sequence positions: [B, T, D] (zeros elsewhere)."""
+  b, m, n, d = u_bmnd.shape
+  index_bk = jnp.where(image_valid_bm[:, :, None], image_positions_bmn, length).reshape(b, m * n)
+  rows_bk = jnp.broadcast_to(jnp.arange(b)[:, None], index_bk.shape)
+  u_btd = jnp.zeros((b, length, d), u_bmnd.dtype)
+  return u_btd.at[rows_bk, index_bk].set(u_bmnd.reshape(b, m * n, d), mode="drop")
+
+
+def predictions_for_elements(x_btd, image_positions_bmn):
+  """[B, M, N, D]: each element's prediction, read at the position before it."""
+  b, m, n = image_positions_bmn.shape
+  index_bk = jnp.clip(image_positions_bmn.reshape(b, m * n) - 1, 0)
+  x_bkd = jnp.take_along_axis(x_btd, index_bk[..., None], axis=1)
+  return x_bkd.reshape(b, m, n, x_btd.shape[-1])
+
+
+class FlowStream(nn.Module):
+  """The deep TARFlow stream: inputs P_c / P_u (+ noise embedding), Deep, Head_F."""
+  config: stack.FlowConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    cfg, width = self.config, self.config.deep.width
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.p_c = adapter_lib.dense(width, ("context", "embed"), "p_c", **kw)
+    self.p_u = adapter_lib.dense(width, ("latent", "embed"), "p_u", **kw)
+    if cfg.noise_conditioning:
+      self.noise_embed = embeddings.NoiseLevelEmbedding(width, **kw)
+    self.backbone = transformer_lib.Transformer(cfg.deep, **kw)
+    # Zero-init head: a fresh stream predicts mean 0, scale 1 (the identity flow).
+    self.head = adapter_lib.dense(2 * cfg.latent_dim, ("embed", "latent"), "head", zero=True,
+                                  **kw)
+
+  def inputs(self, h_vlm_btc, u_btd, is_visual_bt, t_b, visual_skip_btw=None):
+    """e^F: P_c(h^V) at text positions, P_u(u) (+ W_v h^V) at visual ones, + MLP(log t)."""
+    visual_btw = self.p_u(u_btd.astype(self.dtype))
+    if visual_skip_btw is not None:
+      visual_btw = visual_btw + visual_skip_btw.astype(self.dtype)
+    e_btw = jnp.where(is_visual_bt[..., None], visual_btw, self.p_c(h_vlm_btc))
+    if self.config.noise_conditioning:
+      e_btw = e_btw + self.noise_embed(t_b)[:, None, :].astype(e_btw.dtype)
+    return e_btw
+
+  def __call__(self, e_btw, positions_3bt, valid_bt, cache=None):
+    return self.backbone(e_btw, positions_3bt, valid_bt, cache)
+
+  def gaussians(self, g_btw):
+    """(μ, log s) [B, T, D] in float32 of the element after each position."""
+    mean, raw_scale = jnp.split(self.head(g_btw).astype(jnp.float32), 2, axis=-1)
+    return mean, affine.log_scale(raw_scale, self.config.scale)
+
+
+class Pretzel(nn.Module):
+  """Methods (`model.apply(variables, …, method=…)`):
+    encode_images(x_bmnd, t_b)                    -> (u, Σ shallow log-dets [B, M])
+    streams(ids, u_btd, is_visual, positions_3bt, valid, t_b, cache=None) -> Streams
+    text_logits(h_vlm, g)                         -> float32 logits [B, T, V]
+    gaussians(g)                                  -> (μ, log s) of each position's next element
+    __call__(ids, x_bmnd, image_positions_bmn, image_valid_bm, is_visual, positions_3bt,
+             valid, t_b, with_logits=True)        -> PretzelOutput (training, likelihood)
+  `dtype` is the flow side's compute dtype; the VLM's is `config.vlm_dtype`.
+  """
+  config: PretzelConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    vlm_dtype = jnp.dtype(cfg.vlm_dtype)
+    decoder = FrozenTextDecoder if cfg.freeze_vlm else text_lib.TextDecoder
+    self.vlm = decoder(cfg.vlm, dtype=vlm_dtype, param_dtype=vlm_dtype)
+    self.adapter = adapter_lib.Adapter(cfg.vlm.hidden_size, cfg.adapter_hidden, **kw)
+    self.shallow = [stack.shallow_block(cfg.flow, k, **kw).clone(name=f"shallow_{k}")
+                    for k in range(cfg.flow.num_shallow_blocks)]
+    self.flow = FlowStream(cfg.flow, **kw)
+    if cfg.skips:
+      skip = lambda features, axes: nn.Dense(
+          features, use_bias=False, kernel_init=nn.with_logical_partitioning(
+              nn.initializers.zeros, axes), **kw)
+      self.w_v = skip(cfg.flow.deep.width, ("context", "embed"))    # H_vlm -> H_flow
+      self.w_t = skip(cfg.vlm.hidden_size, ("embed", "context"))    # H_flow -> H_vlm
+
+  def encode_images(self, x_bmnd, t_b=None):
+    """x -> u through the shallow blocks, each image on its own; (u, log-dets [B, M])."""
+    b, m, n, d = x_bmnd.shape
+    x_knd = x_bmnd.reshape(b * m, n, d)
+    t_k = None if t_b is None else jnp.repeat(t_b, m)
+    log_det_k = jnp.zeros((b * m,), jnp.float32)
+    for block in self.shallow:
+      x_knd, block_log_det = block(x_knd, t_k)
+      log_det_k = log_det_k + block_log_det
+    return x_knd.reshape(b, m, n, d), log_det_k.reshape(b, m)
+
+  def streams(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None):
+    """Both streams over a chunk of the sequence; with a cache, the chunk is appended."""
+    token_btc = self.vlm.embed(ids_bt)
+    visual_btc = self.adapter(u_btd, t_b).astype(token_btc.dtype)
+    e_vlm_btc = jnp.where(is_visual_bt[..., None], visual_btc, token_btc)
+    h_vlm_btc, vlm_cache = self.vlm(e_vlm_btc, positions_3bt, valid_bt,
+                                    None if cache is None else cache.vlm)
+    skip_btw = self.w_v(h_vlm_btc) if self.config.skips else None
+    e_flow_btw = self.flow.inputs(h_vlm_btc, u_btd, is_visual_bt, t_b, skip_btw)
+    g_btw, flow_cache = self.flow(e_flow_btw, positions_3bt, valid_bt,
+                                  None if cache is None else cache.flow)
+    new_cache = None if cache is None else PretzelCache(vlm_cache, flow_cache)
+    return Streams(h_vlm_btc, g_btw, new_cache)
+
+  def text_logits(self, h_vlm_btc, g_btw):
+    """LMHead(h^V + W_t g), through the VLM's own head."""
+    if self.config.skips:
+      h_vlm_btc = h_vlm_btc + self.w_t(g_btw).astype(h_vlm_btc.dtype)
+    return self.vlm.logits(h_vlm_btc)
+
+  def gaussians(self, g_btw):
+    return self.flow.gaussians(g_btw)
+
+  def __call__(self, ids_bt, x_bmnd, image_positions_bmn, image_valid_bm, is_visual_bt,
+               positions_3bt, valid_bt, t_b, with_logits=True):
+    """One parallel pass over whole sequences: text logits and every image's flow terms."""
+    u_bmnd, log_det_shallow_bm = self.encode_images(x_bmnd, t_b)
+    u_btd = place_elements(u_bmnd, image_positions_bmn, image_valid_bm, ids_bt.shape[1])
+    s = self.streams(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b)
+    mean_btd, log_s_btd = self.gaussians(s.g_btw)
+    mean_bmnd = predictions_for_elements(mean_btd, image_positions_bmn)
+    log_s_bmnd = predictions_for_elements(log_s_btd, image_positions_bmn)
+    z_bmnd = affine.to_noise(u_bmnd, mean_bmnd, log_s_bmnd)
+    terms = ImageTerms(z_bmnd, u_bmnd, log_det_shallow_bm, -jnp.sum(log_s_bmnd, axis=(2, 3)))
+    logits = self.text_logits(s.h_vlm_btc, s.g_btw) if with_logits else None
+    return PretzelOutput(logits, terms)
+
+
+def vlm_params_from_qwen(qwen_params):
+  """The Pretzel's `vlm` subtree from a full Qwen2.5-VL parameter tree (its `text` part)."""
+  if "text" not in qwen_params:
+    raise ValueError(f"not a Qwen2.5-VL parameter tree: top-level keys {sorted(qwen_params)}")
+  return qwen_params["text"]

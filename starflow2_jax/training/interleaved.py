@@ -1,0 +1,142 @@
+"""Interleaved records -> fixed-shape sequence arrays for the Pretzel model (SPEC §1).
+
+Every image becomes the span `<|vision_start|> v_1 … v_N <|vision_end|>`, its N visual
+positions laid out on the latent grid (gh, gw) with Qwen2.5-VL's 3-D M-RoPE positions, as
+Qwen places its own image tokens (`positions.span_positions`). Text is tokenised by any
+`str -> ids` function. Sequences are right-padded to `max_length`; images to `max_images`.
+
+Which parts are trained: the first `prompt_segments` segments of a record are its prompt
+(meta "prompt_segments" overrides the layout's default), the rest are targets — target text
+for the next-token loss, target images for the flow loss. A target image's
+`<|vision_start|>` and `<|vision_end|>` are text targets too (the model learns when to
+draw). Prompt text is what classifier-free guidance drops.
+
+One example (numpy), as the Grain pipeline batches it:
+  ids [T] int32           token ids; visual positions hold `image_pad_id`
+  valid [T] bool          real positions (False: padding)
+  positions [3, T] int32  M-RoPE (t, row, col) positions (the model wants [3, B, T])
+  is_visual [T] bool      the per-position modality
+  text_target [T] bool    tokens the next-token loss predicts
+  prompt_text [T] bool    prompt text (dropped for classifier-free guidance)
+  images [M, H, W, C] uint8, image_positions [M, N] int32 (sequence index of each visual
+  element), image_valid [M] bool, image_target [M] bool
+"""
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from data_pipelines import pipeline
+from data_pipelines import records
+from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+  """The fixed shapes and special ids of a batch of interleaved sequences."""
+  max_length: int            # T
+  max_images: int            # M
+  grid: tuple                # (gh, gw): the latent grid of one image, N = gh · gw
+  image_shape: tuple         # (H, W, C) of the stored images
+  vision_start_id: int
+  vision_end_id: int
+  image_pad_id: int
+  pad_id: int
+
+  @property
+  def num_elements(self):
+    return self.grid[0] * self.grid[1]
+
+
+class _Builder:
+  """Accumulates one sequence segment by segment."""
+
+  def __init__(self, layout):
+    self.layout = layout
+    self.ids, self.text_target, self.prompt_text, self.is_visual = [], [], [], []
+    self.spans, self.images, self.image_positions, self.image_target = [], [], [], []
+
+  def _text(self, ids, target, prompt):
+    self.ids += list(ids)
+    self.text_target += [target] * len(ids)
+    self.prompt_text += [prompt] * len(ids)
+    self.is_visual += [False] * len(ids)
+    self.spans.append(("text", len(ids)))
+
+  def add_text(self, ids, target):
+    self._text(ids, target, prompt=not target)
+
+  def add_image(self, image, target):
+    lay = self.layout
+    self._text([lay.vision_start_id], target, prompt=False)
+    start = len(self.ids)
+    n = lay.num_elements
+    self.ids += [lay.image_pad_id] * n
+    self.text_target += [False] * n
+    self.prompt_text += [False] * n
+    self.is_visual += [True] * n
+    self.spans.append(("image", (1,) + tuple(lay.grid)))
+    self.images.append(image)
+    self.image_positions.append(np.arange(start, start + n))
+    self.image_target.append(target)
+    self._text([lay.vision_end_id], target, prompt=False)
+
+  def arrays(self):
+    lay = self.layout
+    length, t = len(self.ids), lay.max_length
+    pad = lambda values, fill, dtype: np.asarray(
+        list(values) + [fill] * (t - length), dtype)
+    positions = np.zeros((3, t), np.int32)
+    positions[:, :length], _ = positions_lib.span_positions(self.spans)
+    m, n = lay.max_images, lay.num_elements
+    images = np.zeros((m,) + tuple(lay.image_shape), np.uint8)
+    image_positions = np.zeros((m, n), np.int32)
+    image_target = np.zeros((m,), bool)
+    k = len(self.images)
+    if k:
+      images[:k] = np.stack(self.images)
+      image_positions[:k] = np.stack(self.image_positions)
+      image_target[:k] = self.image_target
+    return dict(
+        ids=pad(self.ids, lay.pad_id, np.int32), valid=pad([True] * length, False, bool),
+        positions=positions, is_visual=pad(self.is_visual, False, bool),
+        text_target=pad(self.text_target, False, bool),
+        prompt_text=pad(self.prompt_text, False, bool), images=images,
+        image_positions=image_positions, image_valid=np.arange(m) < k, image_target=image_target)
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedExample:
+  """Maps an interleaved record to fixed-shape sequence arrays (see the module docstring).
+
+  Raises `pipeline.RecordMismatchError` (the pipeline skips the record) when it does not
+  fit: too long, too many images, or an image of another shape.
+  """
+  layout: SequenceLayout
+  encode_text: Callable      # str -> sequence of token ids
+  prompt_segments: int = 0
+
+  def __call__(self, record):
+    lay = self.layout
+    prompt = record.meta.get("prompt_segments", self.prompt_segments)
+    if not isinstance(prompt, int) or prompt < 0:
+      raise pipeline.RecordMismatchError(f"meta 'prompt_segments' is {prompt!r}, not an int >= 0")
+    builder = _Builder(lay)
+    for i, segment in enumerate(record.segments):
+      target = i >= prompt
+      if isinstance(segment, records.TextSegment):
+        builder.add_text(self.encode_text(segment.text), target)
+        continue
+      image = segment.to_array()
+      if image.shape != tuple(lay.image_shape):
+        raise pipeline.RecordMismatchError(
+            f"image shape {image.shape}, expected {tuple(lay.image_shape)} (HxWxC)")
+      builder.add_image(image, target)
+    if len(builder.images) > lay.max_images:
+      raise pipeline.RecordMismatchError(
+          f"{len(builder.images)} images, more than max_images={lay.max_images}")
+    if len(builder.ids) > lay.max_length:
+      raise pipeline.RecordMismatchError(
+          f"{len(builder.ids)} positions, more than max_length={lay.max_length}")
+    return builder.arrays()

@@ -1,0 +1,219 @@
+"""The three STARFlow2 training stages (SPEC §4) as one task for the generic trainer.
+
+`config.stage` picks a row of `STAGES`: which losses run, whether captions are dropped for
+classifier-free guidance, whether the model has the vertical skips W_v, W_t. Which
+parameters train is the config's `optimizer.trainable` (regexes over parameter names;
+`STAGES[k].trainable` is the default an experiment config copies); frozen parameters get no
+optimizer state and stay bit-identical.
+
+  stage 1  text -> image   L_flow             trains flow/, shallow_k/
+  stage 2  understanding   L_NTP              trains adapter/
+  stage 3  interleaved     L_flow + λ L_NTP   trains flow/, shallow_k/, adapter/, w_v, w_t
+
+Warm start (`warm_start`): stage k starts from stage k−1's checkpoint (`init.from_workdir`,
+a partial restore: the skips stage 3 adds keep their zero init) and the VLM from a converted
+Qwen2.5-VL checkpoint (`init.vlm_checkpoint`).
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines import text as text_lib
+from starflow2_jax.flows import likelihood
+from starflow2_jax.flows import noise
+from starflow2_jax.flows import stack
+from starflow2_jax.layers import transformer as transformer_lib
+from starflow2_jax.models import pretzel
+from starflow2_jax.models.qwen2_5_vl import config as qwen_config
+from starflow2_jax.training import caption_to_image
+from starflow2_jax.training import checkpointing
+from starflow2_jax.training import interleaved
+
+FLOW = (r"flow/.*", r"shallow_\d+/.*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  flow_loss: bool
+  ntp_loss: bool
+  caption_dropout: bool
+  skips: bool
+  trainable: tuple
+
+
+STAGES = {
+    1: Stage(flow_loss=True, ntp_loss=False, caption_dropout=True, skips=False, trainable=FLOW),
+    2: Stage(flow_loss=False, ntp_loss=True, caption_dropout=False, skips=False,
+             trainable=(r"adapter/.*",)),
+    3: Stage(flow_loss=True, ntp_loss=True, caption_dropout=True, skips=True,
+             trainable=FLOW + (r"adapter/.*", r"w_v/.*", r"w_t/.*")),
+}
+
+
+def stage_of(config):
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage={config.stage!r} is not one of {sorted(STAGES)}")
+  return STAGES[config.stage]
+
+
+def vlm_text_config(cfg):
+  """config.model.vlm: a Qwen2.5-VL preset name or a dict of `TextConfig` fields."""
+  if isinstance(cfg, str):
+    return qwen_config.preset(cfg).text
+  return qwen_config.TextConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in dict(cfg).items()})
+
+
+def build_model(config, latent_dim):
+  """The Pretzel of `config.model` for `config.stage`."""
+  m = config.model
+  deep = caption_to_image.transformer_config(m.deep, m.remat)
+  deep = dataclasses.replace(deep, mrope_section=pretzel.mrope_section(deep.head_dim))
+  flow = stack.FlowConfig(
+      latent_dim=latent_dim, deep=deep,
+      shallow=caption_to_image.transformer_config(m.shallow, m.remat),
+      num_shallow_blocks=m.num_shallow_blocks, scale=m.scale,
+      noise_conditioning=m.noise_conditioning)
+  model_cfg = pretzel.PretzelConfig(
+      vlm=vlm_text_config(m.vlm), flow=flow, adapter_hidden=m.adapter_hidden,
+      skips=stage_of(config).skips, vlm_dtype=m.vlm_dtype)
+  return pretzel.Pretzel(model_cfg, dtype=jnp.dtype(m.dtype))
+
+
+def build_layout(config, latent):
+  d = config.data
+  return interleaved.SequenceLayout(
+      max_length=d.max_length, max_images=d.max_images, grid=latent.grid,
+      image_shape=tuple(d.image_size) + (d.channels,), **dict(d.special_ids))
+
+
+def next_token_loss(logits_btv, ids_bt, target_bt):
+  """Mean cross-entropy of logits_i against w_{i+1} where w_{i+1} is a target; (loss, acc)."""
+  logits, labels, mask = logits_btv[:, :-1], ids_bt[:, 1:], target_bt[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  count = jnp.maximum(jnp.sum(mask), 1)
+  accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) & mask) / count
+  return jnp.sum(ce * mask) / count, accuracy
+
+
+def masked_mean(values, mask):
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+class PretzelTask:
+  """One STARFlow2 stage on interleaved records (see the module docstring)."""
+
+  def __init__(self, config):
+    self.config = config
+    self.stage = stage_of(config)
+    self.latent = caption_to_image.build_latent(config)
+    self.model = build_model(config, self.latent.token_dim)
+    self.layout = build_layout(config, self.latent)
+
+  # ---- data ---------------------------------------------------------------------------
+
+  def encode_text(self, text):
+    """Byte-level ids (pad 0, byte b -> b + 1), as the demo's tiny VLM reads them."""
+    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    return list(data + text_lib.ByteTokenizer.byte_offset)
+
+  def example_transform(self):
+    return interleaved.InterleavedExample(self.layout, self.encode_text,
+                                          self.config.data.prompt_segments)
+
+  def _dummy_batch(self, batch=1):
+    lay = self.layout
+    t, m, n = lay.max_length, lay.max_images, lay.num_elements
+    return dict(
+        ids=jnp.zeros((batch, t), jnp.int32), valid=jnp.ones((batch, t), bool),
+        positions=jnp.zeros((batch, 3, t), jnp.int32), is_visual=jnp.zeros((batch, t), bool),
+        text_target=jnp.zeros((batch, t), bool), prompt_text=jnp.zeros((batch, t), bool),
+        images=jnp.zeros((batch, m) + tuple(lay.image_shape), jnp.uint8),
+        image_positions=jnp.zeros((batch, m, n), jnp.int32),
+        image_valid=jnp.zeros((batch, m), bool), image_target=jnp.zeros((batch, m), bool))
+
+  def latents(self, images_bmhwc):
+    b, m = images_bmhwc.shape[:2]
+    x = self.latent.encode(images_bmhwc.reshape((b * m,) + images_bmhwc.shape[2:]))
+    return x.reshape((b, m) + x.shape[1:])
+
+  # ---- model --------------------------------------------------------------------------
+
+  def apply(self, params, batch, x_bmnd, t_b, valid_bt=None, with_logits=True):
+    """The Pretzel's full pass over a batch of sequence arrays."""
+    return self.model.apply(
+        {"params": params}, batch["ids"], x_bmnd, batch["image_positions"],
+        batch["image_valid"], batch["is_visual"], jnp.moveaxis(batch["positions"], 1, 0),
+        batch["valid"] if valid_bt is None else valid_bt, t_b, with_logits=with_logits)
+
+  def init_params(self, rng):
+    b = self._dummy_batch()
+    x = self.latents(b["images"])
+    t = jnp.full((1,), self.config.noise.t_min)
+    return self.model.init(rng, b["ids"], x, b["image_positions"], b["image_valid"],
+                           b["is_visual"], jnp.moveaxis(b["positions"], 1, 0), b["valid"],
+                           t)["params"]
+
+  def warm_start(self, params):
+    """Params of the previous stage (`init.from_workdir`) and of the converted VLM
+    (`init.vlm_checkpoint`) in place of fresh ones; anything else keeps its init."""
+    init = self.config.init
+    if init.from_workdir:
+      params, _ = checkpointing.restore_params_subset(
+          os.path.join(init.from_workdir, "checkpoints"), params)
+    if init.vlm_checkpoint:
+      from starflow2_jax.convert import qwen
+      qwen_params = qwen.load_converted(init.vlm_checkpoint,
+                                        dtype=jnp.dtype(self.config.model.vlm_dtype))
+      params = dict(params, vlm=pretzel.vlm_params_from_qwen(qwen_params))
+    return params
+
+  # ---- losses -------------------------------------------------------------------------
+
+  def loss(self, params, batch, rng):
+    """The stage's loss: L_flow (per image, weighted by t), λ·L_NTP, or both."""
+    cfg, stage = self.config, self.stage
+    rng_deq, rng_t, rng_eps, rng_drop = jax.random.split(rng, 4)
+    x = caption_to_image.uniform_dequantize(rng_deq, self.latents(batch["images"]))
+    batch_size = x.shape[0]
+    t = noise.sample_noise_levels(rng_t, batch_size, cfg.noise.t_min, cfg.noise.t_max)
+    x = noise.add_noise(rng_eps, x.reshape(batch_size, -1, x.shape[-1]), t).reshape(x.shape)
+    valid = batch["valid"]
+    if stage.caption_dropout:
+      keep_b = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (batch_size,))
+      valid = valid & ~(batch["prompt_text"] & ~keep_b[:, None])
+    out = self.apply(params, batch, x, t, valid, with_logits=stage.ntp_loss)
+    loss, metrics = 0.0, {}
+    if stage.flow_loss:
+      nll_bm = out.images.nll_per_dim()
+      targets = batch["image_valid"] & batch["image_target"]
+      weights = noise.loss_weights(t, cfg.noise.loss_weighting)[:, None]
+      loss = loss + masked_mean(weights * nll_bm, targets)
+      metrics["flow_nll"] = masked_mean(nll_bm, targets)
+    if stage.ntp_loss:
+      ntp, accuracy = next_token_loss(out.logits_btv, batch["ids"],
+                                      batch["text_target"] & batch["valid"])
+      loss = loss + cfg.loss.ntp_weight * ntp
+      metrics.update(ntp=ntp, token_accuracy=accuracy)
+    metrics["loss"] = loss
+    return loss, metrics
+
+  def eval_metrics(self, params, batch, rng):
+    """Held-out image NLL at the lowest noise level (pixel bits/dim for the patch latent)
+    and the next-token loss and accuracy on the target text."""
+    x = caption_to_image.uniform_dequantize(rng, self.latents(batch["images"]))
+    t = jnp.full((x.shape[0],), self.config.eval.noise_level, jnp.float32)
+    out = self.apply(params, batch, x, t, with_logits=self.stage.ntp_loss)
+    targets = batch["image_valid"] & batch["image_target"]
+    nll = masked_mean(out.images.nll_per_dim(), targets)
+    metrics = {"nll": nll, "pixel_bpd": likelihood.pixel_bits_per_dim(nll)}
+    if self.stage.ntp_loss:
+      ntp, accuracy = next_token_loss(out.logits_btv, batch["ids"],
+                                      batch["text_target"] & batch["valid"])
+      metrics.update(ntp=ntp, token_accuracy=accuracy)
+    return metrics

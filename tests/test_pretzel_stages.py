@@ -1,0 +1,152 @@
+"""Interleaved batches and the STARFlow2 stages: layout, frozen sets, warm starts."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from data_pipelines import records
+from helpers import tree_bits
+from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
+from starflow2_jax.training import checkpointing
+from starflow2_jax.training import optimizer as optimizer_lib
+from starflow2_jax.training import pretzel_stages
+from starflow2_jax.training import state as state_lib
+from starflow2_jax.training import trainer
+
+SPECIAL = dict(vision_start_id=257, vision_end_id=258, image_pad_id=259, pad_id=0)
+
+
+def tiny_config(stage, **init):
+  c = ml_collections.ConfigDict()
+  c.task, c.stage, c.seed = "pretzel", stage, 0
+  c.data = dict(image_size=(4, 4), channels=1, max_length=24, max_images=2,
+                prompt_segments=1, special_ids=SPECIAL)
+  c.latent = dict(name="patch", patch_size=2)
+  c.model = dict(
+      vlm=dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1,
+               num_heads=4, num_kv_heads=2, mrope_section=(1, 2, 1), rope_theta=10_000.0),
+      vlm_dtype="float32", adapter_hidden=16,
+      deep=dict(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0),
+      shallow=dict(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0),
+      num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
+      remat=False)
+  c.init = dict(dict(from_workdir="", vlm_checkpoint=""), **init)
+  c.loss = dict(ntp_weight=0.5)
+  c.noise = dict(t_min=0.02, t_max=0.3, loss_weighting="t")
+  c.train = dict(steps=2, caption_dropout=0.5)
+  c.optimizer = dict(learning_rate=1e-2, warmup_steps=0, min_learning_rate=1e-6, b1=0.9,
+                     b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,
+                     trainable=pretzel_stages.STAGES[stage].trainable)
+  c.eval = dict(noise_level=0.02)
+  return c
+
+
+def image(seed):
+  return np.random.default_rng(seed).integers(0, 256, (4, 4, 1), dtype=np.uint8)
+
+
+def record(prompt_segments=None):
+  meta = {} if prompt_segments is None else {"prompt_segments": prompt_segments}
+  return records.InterleavedRecord(
+      [records.TextSegment("ab"), records.ImageSegment.from_array(image(0)),
+       records.TextSegment("c"), records.ImageSegment.from_array(image(1))], meta)
+
+
+def batch_of(task, recs):
+  examples = [task.example_transform()(r) for r in recs]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def test_interleaved_example_layout():
+  task = pretzel_stages.PretzelTask(tiny_config(3))
+  ex = task.example_transform()(record(prompt_segments=2))
+  lay = task.layout
+  ids = [98, 99, 257, 259, 259, 259, 259, 258, 100, 257, 259, 259, 259, 259, 258]
+  length = len(ids)
+  np.testing.assert_array_equal(ex["ids"], ids + [0] * (lay.max_length - length))
+  np.testing.assert_array_equal(ex["valid"], np.arange(lay.max_length) < length)
+  np.testing.assert_array_equal(ex["is_visual"][:length], np.asarray(ids) == 259)
+  np.testing.assert_array_equal(ex["image_positions"], [[3, 4, 5, 6], [10, 11, 12, 13]])
+  # Positions as Qwen2.5-VL's own rope index places a 2×2 image (merge size 1).
+  want, _ = positions_lib.rope_index(np.asarray([ids]), np.ones((1, length), bool),
+                                     [(1, 2, 2), (1, 2, 2)], 259, 1)
+  np.testing.assert_array_equal(ex["positions"][:, :length], want[:, 0])
+  np.testing.assert_array_equal(ex["positions"][:, length:], 0)
+  # Segments 0-1 are the prompt; the text "c" and the second image (with its vision
+  # start/end tokens) are targets.
+  target = np.zeros(lay.max_length, bool)
+  target[[8, 9, 14]] = True
+  np.testing.assert_array_equal(ex["text_target"], target)
+  np.testing.assert_array_equal(ex["prompt_text"][:length], [1, 1] + [0] * (length - 2))
+  np.testing.assert_array_equal(ex["image_target"], [False, True])
+  np.testing.assert_array_equal(ex["images"][1], image(1))
+
+
+def test_interleaved_example_rejects_what_does_not_fit():
+  from data_pipelines import pipeline
+  task = pretzel_stages.PretzelTask(tiny_config(3))
+  long = records.InterleavedRecord([records.TextSegment("x" * 30)])
+  with pytest.raises(pipeline.RecordMismatchError, match="max_length"):
+    task.example_transform()(long)
+
+
+def _state(task, config, rng=0):
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  params = jax.tree.map(lambda b: b.unbox() if hasattr(b, "unbox") else b,
+                        jax.jit(task.init_params)(jax.random.key(rng)),
+                        is_leaf=lambda x: hasattr(x, "unbox"))
+  state = state_lib.TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  return state, optimizer, schedule
+
+
+def _split(params, patterns):
+  labels = optimizer_lib.trainable_labels(params, patterns)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {optimizer_lib.path_name(p): (v, l) for (p, v), l in zip(flat, jax.tree.leaves(labels))}
+
+
+@pytest.mark.parametrize("stage", [2])
+def test_stage_steps_change_only_the_trainable_set(stage):
+  config = tiny_config(stage)
+  task = pretzel_stages.PretzelTask(config)
+  state, optimizer, schedule = _state(task, config)
+  before = _split(state.params, config.optimizer.trainable)
+  step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed))
+  batch = batch_of(task, [record(), record(prompt_segments=2)])
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  after = _split(state.params, config.optimizer.trainable)
+  trained = [k for k, (_, label) in before.items() if label == "train"]
+  assert trained and all(k.startswith("adapter/") for k in trained)
+  for name, (value, label) in before.items():
+    same = tree_bits(value) == tree_bits(after[name][0])
+    assert same == (label == "freeze"), name
+  # No optimizer moments for frozen parameters: the state holds two per trainable value.
+  trainable_size = sum(v.size for v, label in before.values() if label == "train")
+  state_size = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  assert state_size == 2 * trainable_size
+
+
+def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
+  stage2 = pretzel_stages.PretzelTask(tiny_config(2))
+  state2, _, _ = _state(stage2, stage2.config, rng=1)
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  checkpointer.save(5, state2)
+  checkpointer.wait()
+  checkpointer.close()
+  stage3 = pretzel_stages.PretzelTask(tiny_config(3, from_workdir=str(tmp_path)))
+  fresh3, _, _ = _state(stage3, stage3.config, rng=2)
+  warm = stage3.warm_start(fresh3.params)
+  assert tree_bits({k: v for k, v in warm.items() if k not in ("w_v", "w_t")}) == \
+      tree_bits(state2.params)
+  assert all(not np.any(x) for x in jax.tree.leaves((warm["w_v"], warm["w_t"])))
+  # Stage 3 starts where stage 2 ended: same logits, same flow.
+  batch = batch_of(stage2, [record(), record(prompt_segments=2)])
+  x = stage2.latents(batch["images"]).astype(jnp.float32)
+  t = jnp.full((2,), 0.1)
+  out2 = jax.jit(stage2.apply)(state2.params, batch, x, t)
+  out3 = jax.jit(stage3.apply)(warm, batch, x, t)
+  assert tree_bits(out3) == tree_bits(out2)
