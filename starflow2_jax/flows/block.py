@@ -14,19 +14,13 @@ import jax.numpy as jnp
 
 from starflow2_jax.flows import affine
 from starflow2_jax.layers import embeddings
+from starflow2_jax.layers import linear
 from starflow2_jax.layers import transformer as transformer_lib
 
 
 class BlockOutput(NamedTuple):
   z_bnd: jnp.ndarray       # the block's output (float32), in the input's order
   log_det_b: jnp.ndarray   # log|det ∂z/∂x| per example
-
-
-def _dense(features, axes, name, dtype, param_dtype, zero=False):
-  init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(init, axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
 class AffineFlowBlock(nn.Module):
@@ -51,17 +45,17 @@ class AffineFlowBlock(nn.Module):
   def setup(self):
     width = self.transformer.width
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.input_proj = _dense(width, ("latent", "embed"), "input_proj", **kw)        # P_u
+    self.input_proj = linear.dense(width, ("latent", "embed"), "input_proj", **kw)        # P_u
     if self.context_dim is None:
       self.start = self.param("start", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed",)), (width,), self.param_dtype)
     else:
-      self.context_proj = _dense(width, ("context", "embed"), "context_proj", **kw)  # P_c
+      self.context_proj = linear.dense(width, ("context", "embed"), "context_proj", **kw)  # P_c
     if self.noise_conditioning:
       self.noise_embed = embeddings.NoiseLevelEmbedding(width, **kw)
     self.backbone = transformer_lib.Transformer(self.transformer, **kw)
     # Zero-init head: a fresh block predicts mean 0, scale 1, i.e. it is the identity.
-    self.head = _dense(2 * self.latent_dim, ("embed", "latent"), "head", zero=True, **kw)
+    self.head = linear.dense(2 * self.latent_dim, ("embed", "latent"), "head", zero=True, **kw)
 
   # ---- token embeddings -------------------------------------------------------------
 

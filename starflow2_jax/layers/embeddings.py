@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from starflow2_jax.layers import linear
+
 
 def fourier_features(x_b, num_frequencies, max_frequency=16.0):
   """[B] -> [B, 2F]: sin and cos of x at geometrically spaced frequencies."""
@@ -22,9 +24,6 @@ class NoiseLevelEmbedding(nn.Module):
   @nn.compact
   def __call__(self, t_b):
     features = fourier_features(jnp.log(t_b), self.num_frequencies)
-    dense = lambda name, axes: nn.Dense(
-        self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
-    hidden = jax.nn.silu(dense("hidden", (None, "mlp"))(features))
-    return dense("out", ("mlp", "embed"))(hidden)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = jax.nn.silu(linear.dense(self.width, (None, "mlp"), "hidden", **kw)(features))
+    return linear.dense(self.width, ("mlp", "embed"), "out", **kw)(hidden)

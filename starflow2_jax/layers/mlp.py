@@ -1,8 +1,12 @@
 """The Transformer feed-forward block (GELU MLP)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from starflow2_jax.layers import linear
 
 
 class MLP(nn.Module):
@@ -13,10 +17,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_btd):
     width = x_btd.shape[-1]
-    dense = lambda features, axes, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+    dense = functools.partial(linear.dense, dtype=self.dtype, param_dtype=self.param_dtype)
     h_btf = jax.nn.gelu(dense(self.hidden, ("embed", "mlp"), "wi")(x_btd))
     h_btf = nn.with_logical_constraint(h_btf, ("batch", "length", "mlp"))
     return dense(width, ("mlp", "embed"), "wo")(h_btf)

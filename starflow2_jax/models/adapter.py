@@ -11,14 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from starflow2_jax.layers import embeddings
-
-
-def dense(features, axes, name, dtype, param_dtype, zero=False):
-  """A Dense layer with logically partitioned kernel and bias (zero kernel if `zero`)."""
-  init = nn.initializers.zeros if zero else nn.initializers.lecun_normal()
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(init, axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+from starflow2_jax.layers.linear import dense
 
 
 class Adapter(nn.Module):

@@ -30,6 +30,7 @@ from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import stack
 from starflow2_jax.layers import embeddings
 from starflow2_jax.layers import kv_cache as kv_cache_lib
+from starflow2_jax.layers import linear
 from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import adapter as adapter_lib
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
@@ -147,13 +148,13 @@ class FlowStream(nn.Module):
   def setup(self):
     cfg, width = self.config, self.config.deep.width
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.p_c = adapter_lib.dense(width, ("context", "embed"), "p_c", **kw)
-    self.p_u = adapter_lib.dense(width, ("latent", "embed"), "p_u", **kw)
+    self.p_c = linear.dense(width, ("context", "embed"), "p_c", **kw)
+    self.p_u = linear.dense(width, ("latent", "embed"), "p_u", **kw)
     if cfg.noise_conditioning:
       self.noise_embed = embeddings.NoiseLevelEmbedding(width, **kw)
     self.backbone = transformer_lib.Transformer(cfg.deep, **kw)
     # Zero-init head: a fresh stream predicts mean 0, scale 1 (the identity flow).
-    self.head = adapter_lib.dense(2 * cfg.latent_dim, ("embed", "latent"), "head", zero=True,
+    self.head = linear.dense(2 * cfg.latent_dim, ("embed", "latent"), "head", zero=True,
                                   **kw)
 
   def inputs(self, h_vlm_btc, u_btd, is_visual_bt, t_b, visual_skip_btw=None):
