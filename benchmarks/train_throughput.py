@@ -16,7 +16,6 @@ import numpy as np
 from benchmarks import common
 from experiments import fashion_mnist
 from starflow2_jax import sharding
-from starflow2_jax.training import optimizer as optimizer_lib
 from starflow2_jax.training import state as state_lib
 from starflow2_jax.training import tasks
 from starflow2_jax.training import trainer
@@ -25,8 +24,7 @@ from starflow2_jax.training import trainer
 def benchmark(preset, repeats):
   config = fashion_mnist.get_config(preset)
   task = tasks.build_task(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = sharding.rules_from_config(config.mesh.rules)
+  mesh, rules = sharding.mesh_and_rules(config.mesh)
   batch_size = config.train.batch_size
   h, w = config.data.image_size
   rng = np.random.default_rng(0)
@@ -34,8 +32,7 @@ def benchmark(preset, repeats):
   batch = dict(image=rng.integers(0, 256, (batch_size, h, w, config.data.channels), np.uint8),
                caption_ids=ids, caption_mask=mask, label=np.zeros(batch_size, np.int32))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    _, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+    optimizer, schedule, _, shardings = trainer.plan_state(config, task, mesh, rules)
     state = state_lib.create_state(task.init_params, optimizer, shardings, jax.random.key(0))
     step = jax.jit(trainer.make_train_step(task, optimizer, schedule, 0))
     batch = sharding.global_batch(batch, mesh, rules)

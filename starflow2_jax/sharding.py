@@ -53,6 +53,11 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
                            axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_and_rules(mesh_config):
+  """The mesh and the logical axis rules of a config's `mesh` section."""
+  return make_mesh(mesh_config.shape), rules_from_config(mesh_config.rules)
+
+
 def rules_from_config(rules) -> tuple:
   """Accepts the config's list of [logical, mesh axis or list of axes or None]."""
   return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)

@@ -90,8 +90,7 @@ def _train_steps(config, mesh, batches, initial_state=None):
   task = tasks.build_task(config)
   rules = sharding.rules_from_config(config.mesh.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    _, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+    optimizer, schedule, _, shardings = trainer.plan_state(config, task, mesh, rules)
     if initial_state is None:
       state = state_lib.create_state(task.init_params, optimizer, shardings,
                                      jax.random.key(config.seed))
@@ -118,9 +117,9 @@ def test_tiny_config_state_shards_over_tensor_axis(records_dir):
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   rules = sharding.rules_from_config(config.mesh.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    _, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
-    state = state_lib.create_state(task.init_params, optimizer, shardings, jax.random.key(0))
+    plan = trainer.plan_state(config, task, mesh, rules)
+    state = state_lib.create_state(task.init_params, plan.optimizer, plan.shardings,
+                                   jax.random.key(0))
   embedding = state.params["caption_embed"]["embedding"]
   assert embedding.shape == (264, 32)
   assert embedding.sharding.spec[0] == "tensor"
@@ -163,8 +162,7 @@ def test_sharded_state_is_really_sharded(meshes):
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   rules = sharding.rules_from_config(config.mesh.rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    _, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+    shardings = trainer.plan_state(config, task, mesh, rules).shardings
   specs = {tuple(s.spec) for s in jax.tree.leaves(shardings.params)}
   flat_axes = {axis for spec in specs for entry in spec
                for axis in (entry if isinstance(entry, tuple) else (entry,))}

@@ -13,8 +13,7 @@ from starflow2_jax.training import trainer
 def evaluate_workdir(config, workdir):
   """The task's held-out metrics (e.g. pixel bits/dim) at the latest checkpoint."""
   task, params, step = trainer.restore_params(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = sharding.rules_from_config(config.mesh.rules)
+  mesh, rules = sharding.mesh_and_rules(config.mesh)
   data_dir = data_lib.prepare_data_dir(config, workdir)
   with jax.set_mesh(mesh):
     result = trainer.evaluate(jax.jit(task.eval_metrics), params,

@@ -38,6 +38,23 @@ class TrainResult(NamedTuple):
   task: object
 
 
+class StatePlan(NamedTuple):
+  optimizer: object
+  schedule: object
+  abstract: object    # the state's ShapeDtypeStructs, with shardings
+  shardings: object
+
+
+def plan_state(config, task, mesh, rules):
+  """The optimizer and the abstract, sharded train state of `task` on `mesh`.
+
+  Call inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+  """
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
+  abstract, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+  return StatePlan(optimizer, schedule, abstract, shardings)
+
+
 class _StopSignal:
   """Turns SIGTERM into a flag the loop checks between steps (so we save, then exit)."""
 
@@ -103,15 +120,13 @@ def train(config, workdir):
 
   # ---- Task, mesh and input pipeline -------------------------------------------------
   task = tasks.build_task(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = sharding.rules_from_config(config.mesh.rules)
+  mesh, rules = sharding.mesh_and_rules(config.mesh)
   data_dir = data_lib.prepare_data_dir(config, workdir)
   train_iter = iter(data_lib.train_dataset(config, task, data_dir))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # ---- Optimizer and sharded state (abstract first) --------------------------------
-    optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, cfg_train.steps)
-    abstract, shardings = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+    optimizer, schedule, abstract, shardings = plan_state(config, task, mesh, rules)
 
     # ---- Resume or initialise ---------------------------------------------------------
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -213,11 +228,9 @@ def restore_params(config, workdir, step=None):
   """(task, params, step) from the latest (or given) checkpoint of a training workdir,
   placed on the config's mesh; the optimizer state is read as well but not kept."""
   task = tasks.build_task(config)
-  mesh = sharding.make_mesh(config.mesh.shape)
-  rules = sharding.rules_from_config(config.mesh.rules)
+  mesh, rules = sharding.mesh_and_rules(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.train.steps)
-    abstract, _ = state_lib.abstract_state(task.init_params, optimizer, mesh, rules)
+    abstract = plan_state(config, task, mesh, rules).abstract
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     state = checkpointer.restore(abstract, step=step)
     checkpointer.close()
