@@ -1,7 +1,7 @@
 """Flow train-step throughput: tokens/s and achieved GFLOP/s, for the demo config and a
 wider one (experiments/fashion_mnist.py presets "" and "wide").
 
-    python benchmarks/train_throughput.py [--presets ,wide] [--repeats 5]
+    python benchmarks/train_throughput.py [--presets ,wide] [--repeats 5] [--batch_size 0]
 
 Tokens are latent elements plus conditioning-context positions that the deep block reads.
 FLOPs come from XLA's cost analysis of the compiled step (forward, backward and AdamW).
@@ -21,8 +21,10 @@ from starflow2_jax.training import tasks
 from starflow2_jax.training import trainer
 
 
-def benchmark(preset, repeats):
+def benchmark(preset, repeats, batch_size=0):
   config = fashion_mnist.get_config(preset)
+  if batch_size:
+    config.train.batch_size = batch_size
   task = tasks.build_task(config)
   mesh, rules = sharding.mesh_and_rules(config.mesh)
   batch_size = config.train.batch_size
@@ -49,12 +51,13 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--presets", default=",wide")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--batch_size", type=int, default=0, help="0: the config's")
   args = parser.parse_args()
   print(f"devices: {jax.devices()}")
   print(f"{'preset':>8} {'params':>10} {'batch':>6} {'tokens/step':>12} {'step s':>8} "
         f"{'tokens/s':>10} {'GFLOP/s':>8}")
   for preset in args.presets.split(","):
-    r = benchmark(preset, args.repeats)
+    r = benchmark(preset, args.repeats, args.batch_size)
     print(f"{r['preset']:>8} {r['params']:>10,} {r['batch']:>6} {r['tokens_per_step']:>12,} "
           f"{r['step_seconds']:>8.3f} {r['tokens_per_second']:>10,.0f} "
           f"{r['gflops_per_second']:>8.1f}")

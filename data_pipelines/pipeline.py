@@ -67,7 +67,7 @@ class CaptionImageExample:
 
   image_shape: tuple
   max_caption_len: int
-  tokenizer: text.ByteTokenizer = dataclasses.field(default_factory=text.ByteTokenizer)
+  tokenizer: object = dataclasses.field(default_factory=text.ByteTokenizer)  # text.*Tokenizer
 
   def __call__(self, record):
     texts = [s for s in record.segments if isinstance(s, records.TextSegment)]

@@ -101,3 +101,31 @@ def test_byte_tokenizer_pads_truncates_and_round_trips():
   assert int(ids.max()) < tokenizer.vocab_size == 257
   with pytest.raises(ValueError, match="token ids"):
     tokenizer.decode([257])
+
+
+def test_word_tokenizer_ids_unknowns_specials_and_decoding():
+  words = text.vocabulary(["a photo of a t-shirt/top", "what is in this picture?"])
+  assert words == ["a", "photo", "of", "t-shirt/top", "what", "is", "in", "this", "picture", "?"]
+  tokenizer = text.WordTokenizer(words, specials=("<|vision_start|>",))
+  assert tokenizer.vocab_size == 2 + len(words) + 1
+  ids, mask = tokenizer.encode("A photo of a zebra?", max_len=8)
+  np.testing.assert_array_equal(ids, [2, 3, 4, 2, tokenizer.unk_id, 11, 0, 0])
+  np.testing.assert_array_equal(mask, [True] * 6 + [False] * 2)
+  special = tokenizer.special_id("<|vision_start|>")
+  assert special == tokenizer.vocab_size - 1 and special not in tokenizer.ids("<|vision_start|>")
+  assert tokenizer.decode(list(ids) + [special]) == "a photo of a <unk>? <|vision_start|>"
+  assert tokenizer.encode("a a a a", max_len=2)[1].all()
+  with pytest.raises(ValueError, match="single word"):
+    text.WordTokenizer(["two words"])
+  with pytest.raises(ValueError, match="token ids"):
+    tokenizer.decode([tokenizer.vocab_size])
+
+
+def test_build_tokenizer_from_config():
+  assert isinstance(text.build_tokenizer({"tokenizer": "bytes"}), text.ByteTokenizer)
+  words = text.build_tokenizer({"tokenizer": "words", "words": ["cat"]})
+  assert words.ids("cat dog") == [2, words.unk_id]
+  with pytest.raises(ValueError, match="config.data.words"):
+    text.build_tokenizer({"tokenizer": "words"})
+  with pytest.raises(ValueError, match="'bytes' or 'words'"):
+    text.build_tokenizer({"tokenizer": "bpe"})

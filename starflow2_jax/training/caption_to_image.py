@@ -60,7 +60,10 @@ class CaptionToImageTask:
     self.config = config
     self.latent = build_latent(config)
     self.model = build_model(config, self.latent)
-    self.tokenizer = text_lib.ByteTokenizer()
+    self.tokenizer = text_lib.build_tokenizer(config.data)
+    if self.tokenizer.vocab_size > config.model.vocab_size:
+      raise ValueError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the "
+                       f"tokenizer's {self.tokenizer.vocab_size} ids (config.data.tokenizer)")
 
   # ---- data ---------------------------------------------------------------------------
 
