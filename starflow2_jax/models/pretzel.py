@@ -131,12 +131,16 @@ def place_elements(u_bmnd, image_positions_bmn, image_valid_bm, length):
   return u_btd.at[rows_bk, index_bk].set(u_bmnd.reshape(b, m * n, d), mode="drop")
 
 
+def elements_at(x_btd, positions_bmn):
+  """[B, M, N, D]: x read at the given sequence positions (the inverse of `place_elements`)."""
+  b, m, n = positions_bmn.shape
+  x_bkd = jnp.take_along_axis(x_btd, positions_bmn.reshape(b, m * n)[..., None], axis=1)
+  return x_bkd.reshape(b, m, n, x_btd.shape[-1])
+
+
 def predictions_for_elements(x_btd, image_positions_bmn):
   """[B, M, N, D]: each element's prediction, read at the position before it."""
-  b, m, n = image_positions_bmn.shape
-  index_bk = jnp.clip(image_positions_bmn.reshape(b, m * n) - 1, 0)
-  x_bkd = jnp.take_along_axis(x_btd, index_bk[..., None], axis=1)
-  return x_bkd.reshape(b, m, n, x_btd.shape[-1])
+  return elements_at(x_btd, jnp.clip(image_positions_bmn - 1, 0))
 
 
 class FlowStream(nn.Module):
@@ -182,6 +186,7 @@ class Pretzel(nn.Module):
     streams(ids, u_btd, is_visual, positions_3bt, valid, t_b, cache=None) -> Streams
     text_logits(h_vlm, g)                         -> float32 logits [B, T, V]
     gaussians(g)                                  -> (μ, log s) of each position's next element
+    language_model(ids, positions_3bt, valid)     -> the VLM's own logits on text alone
     __call__(ids, x_bmnd, image_positions_bmn, image_valid_bm, is_visual, positions_3bt,
              valid, t_b, with_logits=True)        -> PretzelOutput (training, likelihood)
   `dtype` is the flow side's compute dtype; the VLM's is `config.vlm_dtype`.
@@ -240,6 +245,11 @@ class Pretzel(nn.Module):
 
   def gaussians(self, g_btw):
     return self.flow.gaussians(g_btw)
+
+  def language_model(self, ids_bt, positions_3bt, valid_bt):
+    """The VLM stream alone on text: its logits [B, T, V] (stage 0 pretrains it this way)."""
+    h_btc, _ = self.vlm(self.vlm.embed(ids_bt), positions_3bt, valid_bt)
+    return self.vlm.logits(h_btc)
 
   def __call__(self, ids_bt, x_bmnd, image_positions_bmn, image_valid_bm, is_visual_bt,
                positions_3bt, valid_bt, t_b, with_logits=True):

@@ -140,16 +140,20 @@ class CaptionToImageTask:
                                   guidance_weight, s.temperature, s.denoise_steps))
 
   def sample_grid(self, params, rng):
-    """One row per caption of `sample.captions`: `per_class` plain samples, then as many
-    guided ones. Returns (grid uint8 [H, W, C], plain images, guided images, labels)."""
-    s = self.config.sample
-    captions = [c for c in s.captions for _ in range(s.per_class)]
-    labels = np.repeat(np.arange(len(s.captions)), s.per_class)
-    rng_plain, rng_guided = jax.random.split(rng)
-    plain = self.sample_captions(params, captions, rng_plain)
-    guided = self.sample_captions(params, captions, rng_guided, s.guidance_weight)
-    rows = len(s.captions)
-    grid = np.concatenate([plain.reshape(rows, s.per_class, *plain.shape[1:]),
-                           guided.reshape(rows, s.per_class, *guided.shape[1:])], axis=1)
-    return image_io.image_grid(grid), plain, guided, labels
+    return caption_grid(self, params, rng)
 
+
+def caption_grid(task, params, rng):
+  """One row per caption of `sample.captions`: `per_class` plain samples, then as many guided
+  ones, by `task.sample_captions`. Returns (grid uint8 [H, W, C], plain images, guided
+  images, labels)."""
+  s = task.config.sample
+  captions = [c for c in s.captions for _ in range(s.per_class)]
+  labels = np.repeat(np.arange(len(s.captions)), s.per_class)
+  rng_plain, rng_guided = jax.random.split(rng)
+  plain = task.sample_captions(params, captions, rng_plain)
+  guided = task.sample_captions(params, captions, rng_guided, s.guidance_weight)
+  rows = len(s.captions)
+  grid = np.concatenate([plain.reshape(rows, s.per_class, *plain.shape[1:]),
+                         guided.reshape(rows, s.per_class, *guided.shape[1:])], axis=1)
+  return image_io.image_grid(grid), plain, guided, labels

@@ -10,12 +10,15 @@ import os
 import jax
 
 from data_pipelines import fashion_mnist
+from data_pipelines import fashion_mnist_stages
 from data_pipelines import pipeline
 from data_pipelines import writers
 
 # How to create missing records, by `config.data.source`.
 RECORD_SOURCES = {
     "fashion_mnist": lambda cfg, out_dir: fashion_mnist.write_fashion_mnist(cfg.source_dir, out_dir),
+    "fashion_mnist_stages": lambda cfg, out_dir: fashion_mnist_stages.write_stage_records(
+        cfg.source_dir, out_dir),
 }
 
 

@@ -49,8 +49,8 @@ class SequenceLayout:
     return self.grid[0] * self.grid[1]
 
 
-class _Builder:
-  """Accumulates one sequence segment by segment."""
+class SequenceBuilder:
+  """Accumulates one sequence segment by segment (records for training, prompts for sampling)."""
 
   def __init__(self, layout):
     self.layout = layout
@@ -81,6 +81,10 @@ class _Builder:
     self.image_positions.append(np.arange(start, start + n))
     self.image_target.append(target)
     self._text([lay.vision_end_id], target, prompt=False)
+
+  def begin_image(self):
+    """A bare `<|vision_start|>`: a prompt that ends here makes the sampler draw an image."""
+    self._text([self.layout.vision_start_id], target=False, prompt=False)
 
   def arrays(self):
     lay = self.layout
@@ -122,7 +126,7 @@ class InterleavedExample:
     prompt = record.meta.get("prompt_segments", self.prompt_segments)
     if not isinstance(prompt, int) or prompt < 0:
       raise pipeline.RecordMismatchError(f"meta 'prompt_segments' is {prompt!r}, not an int >= 0")
-    builder = _Builder(lay)
+    builder = SequenceBuilder(lay)
     for i, segment in enumerate(record.segments):
       target = i >= prompt
       if isinstance(segment, records.TextSegment):

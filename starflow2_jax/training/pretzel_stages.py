@@ -6,6 +6,7 @@ parameters train is the config's `optimizer.trainable` (regexes over parameter n
 `STAGES[k].trainable` is the default an experiment config copies); frozen parameters get no
 optimizer state and stay bit-identical.
 
+  stage 0  language model  L_NTP on text      trains vlm/ (demo only: real runs load Qwen)
   stage 1  text -> image   L_flow             trains flow/, shallow_k/
   stage 2  understanding   L_NTP              trains adapter/
   stage 3  interleaved     L_flow + λ L_NTP   trains flow/, shallow_k/, adapter/, w_v, w_t
@@ -44,9 +45,16 @@ class Stage:
   caption_dropout: bool
   skips: bool
   trainable: tuple
+  text_only: bool = False    # the VLM stream alone, on text records, its parameters trained
+
+
+# Stage 0 stands in for a pretrained VLM where none can be loaded (the demo): it pretrains
+# the VLM's text decoder on text alone. Real runs start stage 1 from converted Qwen weights.
 
 
 STAGES = {
+    0: Stage(flow_loss=False, ntp_loss=True, caption_dropout=False, skips=False,
+             trainable=(r"vlm/.*",), text_only=True),
     1: Stage(flow_loss=True, ntp_loss=False, caption_dropout=True, skips=False, trainable=FLOW),
     2: Stage(flow_loss=False, ntp_loss=True, caption_dropout=False, skips=False,
              trainable=(r"adapter/.*",)),
@@ -81,7 +89,8 @@ def build_model(config, latent_dim):
       noise_conditioning=m.noise_conditioning)
   model_cfg = pretzel.PretzelConfig(
       vlm=vlm_text_config(m.vlm), flow=flow, adapter_hidden=m.adapter_hidden,
-      skips=stage_of(config).skips, vlm_dtype=m.vlm_dtype)
+      skips=stage_of(config).skips, freeze_vlm=not stage_of(config).text_only,
+      vlm_dtype=m.vlm_dtype)
   return pretzel.Pretzel(model_cfg, dtype=jnp.dtype(m.dtype))
 
 
@@ -114,16 +123,17 @@ class PretzelTask:
     self.latent = caption_to_image.build_latent(config)
     self.model = build_model(config, self.latent.token_dim)
     self.layout = build_layout(config, self.latent)
+    self.tokenizer = text_lib.build_tokenizer(config.data)
+    self._generators = {}
+    vocab = self.model.config.vlm.vocab_size
+    if self.tokenizer.vocab_size > vocab:
+      raise ValueError(f"the VLM's vocabulary ({vocab}) is smaller than the tokenizer's "
+                       f"{self.tokenizer.vocab_size} ids (config.data.tokenizer)")
 
   # ---- data ---------------------------------------------------------------------------
 
-  def encode_text(self, text):
-    """Byte-level ids (pad 0, byte b -> b + 1), as the demo's tiny VLM reads them."""
-    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-    return list(data + text_lib.ByteTokenizer.byte_offset)
-
   def example_transform(self):
-    return interleaved.InterleavedExample(self.layout, self.encode_text,
+    return interleaved.InterleavedExample(self.layout, self.tokenizer.ids,
                                           self.config.data.prompt_segments)
 
   def _dummy_batch(self, batch=1):
@@ -175,9 +185,20 @@ class PretzelTask:
 
   # ---- losses -------------------------------------------------------------------------
 
+  def text_metrics(self, params, batch):
+    """Next-token loss and accuracy of the VLM stream alone (stage 0: text records)."""
+    logits = self.model.apply({"params": params}, batch["ids"],
+                              jnp.moveaxis(batch["positions"], 1, 0), batch["valid"],
+                              method="language_model")
+    ntp, accuracy = next_token_loss(logits, batch["ids"], batch["text_target"] & batch["valid"])
+    return {"loss": ntp, "ntp": ntp, "token_accuracy": accuracy}
+
   def loss(self, params, batch, rng):
     """The stage's loss: L_flow (per image, weighted by t), λ·L_NTP, or both."""
     cfg, stage = self.config, self.stage
+    if stage.text_only:
+      metrics = self.text_metrics(params, batch)
+      return metrics["loss"], metrics
     rng_deq, rng_t, rng_eps, rng_drop = jax.random.split(rng, 4)
     x = caption_to_image.uniform_dequantize(rng_deq, self.latents(batch["images"]))
     batch_size = x.shape[0]
@@ -206,6 +227,8 @@ class PretzelTask:
   def eval_metrics(self, params, batch, rng):
     """Held-out image NLL at the lowest noise level (pixel bits/dim for the patch latent)
     and the next-token loss and accuracy on the target text."""
+    if self.stage.text_only:
+      return self.text_metrics(params, batch)
     x = caption_to_image.uniform_dequantize(rng, self.latents(batch["images"]))
     t = jnp.full((x.shape[0],), self.config.eval.noise_level, jnp.float32)
     out = self.apply(params, batch, x, t, with_logits=self.stage.ntp_loss)
@@ -217,3 +240,31 @@ class PretzelTask:
                                       batch["text_target"] & batch["valid"])
       metrics.update(ntp=ntp, token_accuracy=accuracy)
     return metrics
+
+  # ---- sampling -------------------------------------------------------------------------
+
+  def generator(self, **spec_overrides):
+    """A compiled `sampling.prompts.Generator` (cached per spec overrides)."""
+    from starflow2_jax.sampling import prompts
+    key = tuple(sorted(spec_overrides.items()))
+    if key not in self._generators:
+      self._generators[key] = prompts.Generator(self, **spec_overrides)
+    return self._generators[key]
+
+  def sample_captions(self, params, captions, rng, guidance_weight=None):
+    """uint8 images [B, H, W, C], one drawn for each caption."""
+    from starflow2_jax.sampling import prompts
+    gen = self.generator(guidance_weight=guidance_weight, max_new=self.layout.num_elements + 1)
+    results = gen.generate(params, [[c, prompts.DRAW] for c in captions], rng)
+    return np.stack([r.images[0] for r in results])
+
+  def answer(self, params, images, question, rng):
+    """Greedy text answers to `question` about each uint8 image, at the lowest noise level."""
+    gen = self.generator(guidance_weight=None, noise_level=self.config.noise.t_min)
+    return [r.text for r in gen.generate(params, [[image, question] for image in images], rng)]
+
+  def sample_grid(self, params, rng):
+    """Caption -> image samples as `caption_to_image.caption_grid`; None before stage 1."""
+    if not self.stage.flow_loss:
+      return None
+    return caption_to_image.caption_grid(self, params, rng)

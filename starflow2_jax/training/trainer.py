@@ -100,7 +100,11 @@ def evaluate(eval_step, params, batches, mesh, rules, seed):
 
 
 def save_samples(task, params, step, workdir, writer, seed):
-  grid, *_ = task.sample_grid(params, jax.random.fold_in(jax.random.key(seed + 2), step))
+  """The task's sample grid as PNG and in TensorBoard; None if the task draws no images."""
+  grid = task.sample_grid(params, jax.random.fold_in(jax.random.key(seed + 2), step))
+  if grid is None:
+    return None
+  grid = grid[0]
   writer.image(step, "samples", grid)
   return image_io.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
 
@@ -207,7 +211,7 @@ def train(config, workdir):
       step=step, train_loss=last_train.get("loss"), train_nll=last_train.get("nll"),
       test_bpd=last_eval.get("pixel_bpd"), test_nll=last_eval.get("nll"),
       stopped_early=stopped_early, wall_seconds=time.time() - start_time,
-      samples=os.path.relpath(sample_path, workdir))
+      samples=sample_path and os.path.relpath(sample_path, workdir))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)

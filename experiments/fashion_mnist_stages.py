@@ -1,0 +1,101 @@
+"""STARFlow2's stages on Fashion-MNIST with a tiny Qwen2.5-VL-architecture VLM: the pipeline demo.
+
+    starflow2 train --config experiments/fashion_mnist_stages.py:stage1 --workdir runs/s1 \\
+        --config.init.from_workdir=runs/s0
+    starflow2 pipeline-demo           # stages 0-3 in turn, with their evaluations
+
+Presets `stage0` … `stage3` (add `-tiny` for seconds-long test runs, e.g. `stage2-tiny`):
+  stage0  pretrains the tiny VLM's text decoder on the demo's sentences (no pretrained VLM
+          can be downloaded here; real runs load converted Qwen weights instead)
+  stage1  caption -> image: the flow stream and shallow blocks learn, the VLM is frozen
+  stage2  image -> answer: only the adapter learns, through the frozen VLM's text loss
+  stage3  the mixture of generation, understanding and interleaved records, with the
+          zero-initialised vertical skips W_v, W_t
+Each stage warm-starts from the previous one's workdir (`init.from_workdir`). Records are
+written from the Fashion-MNIST idx files on first use (data_pipelines/fashion_mnist_stages.py).
+"""
+
+import ml_collections
+
+from data_pipelines import fashion_mnist_stages as records
+from data_pipelines import text
+from starflow2_jax import sharding
+from starflow2_jax.training import pretzel_stages
+
+SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+TOKENIZER = text.WordTokenizer(records.WORDS, SPECIAL_TOKENS)
+
+# Per stage: records, sequence layout, steps, learning rate.
+STAGE_DATA = {
+    0: dict(kind="text", max_length=24, max_images=1, steps=300, learning_rate=3e-3),
+    1: dict(kind="generate", max_length=64, max_images=1, steps=1100, learning_rate=2e-3),
+    2: dict(kind="understand", max_length=64, max_images=1, steps=500, learning_rate=2e-3),
+    3: dict(kind="mixture", max_length=112, max_images=2, steps=600, learning_rate=5e-4),
+}
+
+
+def get_config(preset="stage1"):
+  name, _, size = preset.partition("-")
+  if not name.startswith("stage") or not name[5:].isdigit() or int(name[5:]) not in STAGE_DATA \
+      or size not in ("", "tiny"):
+    raise ValueError(f"unknown preset {preset!r} for {__name__}: use stage0 … stage3, "
+                     "optionally with -tiny (e.g. stage2-tiny)")
+  stage = int(name[5:])
+  s = STAGE_DATA[stage]
+  c = ml_collections.ConfigDict()
+  c.task = "pretzel"
+  c.stage = stage
+  c.seed = stage
+
+  c.data = dict(
+      dir="",                        # records; "" = <workdir>/data, written on first use
+      source="fashion_mnist_stages",
+      source_dir="/usr/share/datasets/fashion-mnist",
+      train_split=f"{s['kind']}_train", test_split=f"{s['kind']}_test",
+      image_size=(28, 28), channels=1,
+      tokenizer="words", words=list(records.WORDS), special_tokens=list(SPECIAL_TOKENS),
+      special_ids=dict(vision_start_id=TOKENIZER.special_id("<|vision_start|>"),
+                       vision_end_id=TOKENIZER.special_id("<|vision_end|>"),
+                       image_pad_id=TOKENIZER.special_id("<|image_pad|>"),
+                       pad_id=TOKENIZER.pad_id),
+      max_length=s["max_length"], max_images=s["max_images"],
+      prompt_segments=0,             # records say which segments are the prompt
+      read_threads=0,
+  )
+  c.latent = dict(name="patch", patch_size=4)
+  c.model = dict(
+      vlm=dict(vocab_size=-(-TOKENIZER.vocab_size // 8) * 8, hidden_size=64,
+               intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
+               mrope_section=(2, 3, 3), rope_theta=10_000.0, tie_word_embeddings=True),
+      vlm_dtype="float32", adapter_hidden=128,
+      deep=dict(width=128, num_layers=4, num_heads=4, mlp_ratio=4.0),
+      shallow=dict(width=64, num_layers=2, num_heads=4, mlp_ratio=4.0),
+      num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
+      remat=False)
+  c.init = dict(from_workdir="", vlm_checkpoint="")
+  c.loss = dict(ntp_weight=1.0)
+  c.noise = dict(t_min=0.02, t_max=0.2, loss_weighting="t")
+  c.train = dict(steps=s["steps"], batch_size=32, caption_dropout=0.1, log_every=50,
+                 eval_every=0, sample_every=0, checkpoint_every=500, keep_checkpoints=1,
+                 time_limit_minutes=0.0)
+  c.optimizer = dict(learning_rate=s["learning_rate"], warmup_steps=min(100, s["steps"] // 5),
+                     min_learning_rate=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
+                     grad_clip_norm=1.0, trainable=list(pretzel_stages.STAGES[stage].trainable))
+  c.eval = dict(batch_size=250, num_examples=1000, noise_level=0.02)
+  c.sample = dict(
+      captions=[records.caption(k) for k in range(10)], per_class=4,
+      temperature=0.8, guidance_weight=2.0, denoise_steps=4,
+      text_temperature=0.0, stop_words=["."], max_new=64)
+  c.mesh = dict(shape=dict(data=-1, fsdp=1, tensor=1),
+                rules=[list(rule) for rule in sharding.DEFAULT_RULES])
+
+  if size == "tiny":
+    c.model.vlm.update(hidden_size=32, intermediate_size=64, num_layers=1, mrope_section=(1, 2, 1))
+    c.model.adapter_hidden = 32
+    c.model.deep = dict(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
+    c.model.shallow = dict(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
+    c.model.num_shallow_blocks = 1
+    c.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=3)
+    c.eval.update(batch_size=4, num_examples=8)
+    c.sample.update(per_class=1, denoise_steps=1, max_new=60)
+  return c

@@ -1,0 +1,166 @@
+"""Prompts in, interleaved results out: the user-facing side of the Pretzel sampler.
+
+A prompt is a list of segments: strings (text), uint8 [H, W, C] arrays (input images, as for
+understanding or editing) and, last, optionally `DRAW` (open an image span: the sampler draws
+an image at once). `generate` lays prompts out like training sequences, runs the one sampler
+(`sampling/interleaved.py`), turns the generated u back into pixels and returns each row as
+segments again: generated text as strings, generated images as uint8 arrays.
+"""
+
+import dataclasses
+import html
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from starflow2_jax import image_io
+from starflow2_jax.flows import noise
+from starflow2_jax.sampling import interleaved as sampler
+from starflow2_jax.training import interleaved as layout_lib
+
+DRAW = "<draw>"
+
+
+def sampler_spec(task, **overrides):
+  """The task's `SamplerSpec` from `config.sample`, with keyword overrides."""
+  lay, s = task.layout, task.config.sample
+  fields = dict(
+      grid=tuple(lay.grid), vision_start_id=lay.vision_start_id, vision_end_id=lay.vision_end_id,
+      image_pad_id=lay.image_pad_id, pad_id=lay.pad_id,
+      stop_ids=tuple(task.tokenizer.ids(" ".join(s.stop_words))) if s.get("stop_words") else (),
+      max_new=s.max_new, noise_level=s.get("noise_level", task.config.noise.t_max),
+      text_temperature=s.text_temperature, image_temperature=s.temperature,
+      guidance_weight=s.guidance_weight)
+  fields.update(overrides)
+  return sampler.SamplerSpec(**fields)
+
+
+def prompt_arrays(task, prompts, rng, noise_level):
+  """(batch arrays trimmed to the longest prompt, prompt image latents x at `noise_level`)."""
+  lay = task.layout
+  rows = []
+  for i, prompt in enumerate(prompts):
+    builder = layout_lib.SequenceBuilder(lay)
+    for k, segment in enumerate(prompt):
+      if isinstance(segment, str) and segment == DRAW:
+        if k != len(prompt) - 1:
+          raise ValueError(f"prompt {i}: DRAW must be the last segment")
+        builder.begin_image()
+      elif isinstance(segment, str):
+        builder.add_text(task.tokenizer.ids(segment), target=False)
+      else:
+        image = np.asarray(segment)
+        if image.shape != tuple(lay.image_shape) or image.dtype != np.uint8:
+          raise ValueError(f"prompt {i}, segment {k}: image {image.shape} {image.dtype}, "
+                           f"expected uint8 {tuple(lay.image_shape)}")
+        builder.add_image(image, target=False)
+    if len(builder.ids) > lay.max_length or len(builder.images) > lay.max_images:
+      raise ValueError(f"prompt {i} has {len(builder.ids)} positions and {len(builder.images)} "
+                       f"images; the layout allows {lay.max_length} and {lay.max_images}")
+    rows.append(builder.arrays())
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  length = max(int(batch["valid"].sum(axis=1).max()), 1)
+  for key in ("ids", "valid", "is_visual", "text_target", "prompt_text"):
+    batch[key] = batch[key][:, :length]
+  batch["positions"] = batch["positions"][:, :, :length]
+  x = task.latents(jnp.asarray(batch.pop("images")))
+  b, m = x.shape[:2]
+  t_b = jnp.full((b,), noise_level, jnp.float32)
+  x = noise.add_noise(rng, x.reshape(b, -1, x.shape[-1]), t_b).reshape(x.shape)
+  return {k: jnp.asarray(v) for k, v in batch.items()}, x
+
+
+@dataclasses.dataclass
+class Result:
+  """One row: the prompt's and the generated segments (str or uint8 image), in order."""
+  prompt: list
+  generated: list
+
+  @property
+  def text(self):
+    return " ".join(s for s in self.generated if isinstance(s, str))
+
+  @property
+  def images(self):
+    return [s for s in self.generated if not isinstance(s, str)]
+
+
+def _segments(task, ids, is_visual, keep, images):
+  """Generated positions -> [str | image] segments (visual runs become the next image)."""
+  out, text_ids, images = [], [], list(images)
+  skip = {task.layout.vision_start_id, task.layout.vision_end_id, task.layout.pad_id}
+  for i in np.flatnonzero(keep):
+    if is_visual[i]:
+      if text_ids:
+        out.append(task.tokenizer.decode(text_ids))
+        text_ids = []
+      if not is_visual[i - 1] or not keep[i - 1]:
+        out.append(images.pop(0) if images else None)
+    elif ids[i] not in skip:
+      text_ids.append(int(ids[i]))
+  if text_ids:
+    out.append(task.tokenizer.decode(text_ids))
+  return [s for s in out if s is not None]
+
+
+class Generator:
+  """Compiled sampling for one task: `generate(params, prompts, rng) -> [Result]`."""
+
+  def __init__(self, task, **spec_overrides):
+    self.task = task
+    self.spec = sampler_spec(task, **spec_overrides)
+    self._generate = sampler.make_generate(task.model, self.spec)
+    self._images = jax.jit(lambda params, seq, spans, t_min, steps: sampler.images_of(
+        task.model, params, seq, spans, self.spec, t_min, steps), static_argnums=(4,))
+
+  def generate(self, params, prompts, rng, denoise_steps=None):
+    task, spec = self.task, self.spec
+    rng_prompt, rng_sample = jax.random.split(rng)
+    batch, x = prompt_arrays(task, prompts, rng_prompt, spec.noise_level)
+    seq = self._generate(params, batch, x, rng_sample)
+    spans = sampler.image_spans(seq, spec.num_elements)
+    steps = task.config.sample.denoise_steps if denoise_steps is None else denoise_steps
+    pixels = np.zeros(spans.valid.shape + tuple(task.layout.image_shape), np.uint8)
+    if np.any(spans.valid & spans.generated):
+      x_all = self._images(params, seq, spans, task.config.noise.t_min, steps)
+      b, m = x_all.shape[:2]
+      decoded = task.latent.decode(x_all.reshape((b * m,) + x_all.shape[2:]))
+      pixels = np.asarray(decoded).reshape(pixels.shape)
+    ids, is_visual = np.asarray(seq.ids), np.asarray(seq.is_visual)
+    generated = np.asarray(seq.generated)
+    results = []
+    for b, prompt in enumerate(prompts):
+      made = [pixels[b, k] for k in range(spans.valid.shape[1])
+              if spans.valid[b, k] and spans.generated[b, k]]
+      results.append(Result(list(prompt), _segments(task, ids[b], is_visual[b], generated[b],
+                                                    made)))
+    return results
+
+
+def write_html(results, out_dir, title="STARFlow2 samples"):
+  """`out_dir/index.html` with each result's prompt and generation in order; images as PNGs
+  next to it. Returns the page's path."""
+  os.makedirs(out_dir, exist_ok=True)
+  parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif} img{image-rendering:pixelated;width:112px;"
+           "vertical-align:middle;margin:2px} .gen{background:#eef6ee} .row{margin:1em 0}"
+           "</style>", f"<h1>{html.escape(title)}</h1>"]
+  for r, result in enumerate(results):
+    parts.append("<div class='row'>")
+    for kind, segments in (("prompt", result.prompt), ("gen", result.generated)):
+      parts.append(f"<span class='{kind}'>")
+      for k, segment in enumerate(segments):
+        if isinstance(segment, str):
+          parts.append(html.escape("[draw]" if segment == DRAW else segment) + " ")
+        else:
+          name = f"row{r:03d}_{kind}{k}.png"
+          image_io.save_png(np.asarray(segment), os.path.join(out_dir, name))
+          parts.append(f"<img src='{name}' alt='{kind} image {k}'>")
+      parts.append("</span>")
+    parts.append("</div>")
+  path = os.path.join(out_dir, "index.html")
+  with open(path, "w") as f:
+    f.write("\n".join(parts))
+  return path
