@@ -61,12 +61,29 @@ def interleaved_record(images, labels):
       {"label": int(la), "second_label": int(lb), "prompt_segments": 1})
 
 
+# Stage-0 text writes an image span as its two markers, with nothing between them.
+IMAGE = "<|vision_start|> <|vision_end|>"
+
+
+def described_image(label, rng):
+  """An image span that holds noisy evidence of its class as text, what a VLM "sees" in a
+  picture: 1–8 class names, each the true one with probability 0.6, else a random one."""
+  count = len(fashion_mnist.CLASS_NAMES)
+  names = [fashion_mnist.CLASS_NAMES[label if rng.random() < 0.6 else rng.integers(count)]
+           for _ in range(rng.integers(1, 9))]
+  return f"<|vision_start|> {' '.join(names)} <|vision_end|>"
+
+
 def text_record(rng):
-  """One of the sentence shapes the later stages use, with random classes, images left out."""
+  """One of the sentence shapes the later stages use, with random classes. Images are spans
+  that are empty or hold their class name, so the language model learns where spans open
+  and close, and to answer the question by weighing what is inside the span: stage 2 then
+  only has to teach the adapter to make each patch of a picture read like a vote for its
+  class."""
   la, lb = (int(v) for v in rng.integers(0, len(fashion_mnist.CLASS_NAMES), 2))
-  shapes = (caption(la), f"{QUESTION} {answer(la)}",
+  shapes = (f"{caption(la)} {IMAGE}", f"{described_image(la, rng)} {QUESTION} {answer(la)}",
             f"{caption(la)}. {QUESTION} {answer(la)}",
-            f"{_names(la)}: and {_names(lb)}: .")
+            f"{_names(la)}: {IMAGE} and {_names(lb)}: {IMAGE} .")
   return records.InterleavedRecord((records.TextSegment(shapes[rng.integers(len(shapes))]),),
                                    {"label": la, "prompt_segments": 0})
 
@@ -74,6 +91,11 @@ def text_record(rng):
 TEXTS = ([caption(k) for k in range(10)] + [QUESTION] + [answer(k) for k in range(10)]
          + ["and", ":"])
 WORDS = text.vocabulary(TEXTS)
+
+
+# Records per kind, as a fraction of the split's images (the demo's stages 0 and 3 see far
+# fewer examples than there are images).
+FRACTION = {"text": 1 / 3, "generate": 1, "understand": 1, "interleaved": 1 / 3, "mixture": 1 / 2}
 
 
 def _records(kind, images, labels, seed):
@@ -89,7 +111,7 @@ def _records(kind, images, labels, seed):
     for image, label in zip(images, labels):
       yield understand_record(image, label)
   elif kind == "interleaved":
-    for _ in range(n // 2):
+    for _ in range(n):
       i, j = rng.integers(0, n, 2)
       yield interleaved_record((images[i], images[j]), (labels[i], labels[j]))
   elif kind == "mixture":
@@ -101,6 +123,17 @@ def _records(kind, images, labels, seed):
     raise ValueError(f"unknown record kind {kind!r}: one of {KINDS}")
 
 
+def _count(kind, n):
+  return max(1, int(n * FRACTION[kind]))
+
+
+def _limited(kind, images, labels, seed):
+  for i, record in enumerate(_records(kind, images, labels, seed)):
+    if i >= _count(kind, len(images)):
+      return
+    yield record
+
+
 def write_stage_records(source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, out_dir="data/fm_stages",
                         limit=None):
   """Writes every `{kind}_{split}` of `KINDS` to `out_dir` (ArrayRecord + summary JSON)."""
@@ -110,8 +143,8 @@ def write_stage_records(source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, out_dir="da
     images, labels = images[:limit], labels[:limit]
     for k, kind in enumerate(KINDS):
       name = f"{kind}_{split}"
-      stream = tqdm.tqdm(_records(kind, images, labels, seed=k), desc=f"fashion-mnist {name}",
-                         total=len(images) // (2 if kind == "interleaved" else 1))
+      stream = tqdm.tqdm(_limited(kind, images, labels, seed=k), desc=f"fashion-mnist {name}",
+                         total=_count(kind, len(images)))
       summary = writers.WriteSummary()
       paths = writers.write_records(stream, out_dir, name, num_shards=1)
       summary.written = stream.n

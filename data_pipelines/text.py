@@ -70,7 +70,7 @@ def split_words(text):
 
 class WordTokenizer:
   """Maps text to ids of a fixed word list: pad 0, unknown 1, then `words` in order, then
-  `specials` (markers such as `<|vision_start|>` that text never produces: `special_id`)."""
+  `specials` (markers such as `<|vision_start|>`, recognised verbatim in text: `special_id`)."""
 
   pad_id = 0
   unk_id = 1
@@ -88,6 +88,8 @@ class WordTokenizer:
     self._ids = {w: i + 2 for i, w in enumerate(words)}
     self._special_ids = {s: len(words) + 2 + i for i, s in enumerate(specials)}
     self.vocab_size = len(words) + len(specials) + 2
+    self._special_pattern = re.compile(
+        "(" + "|".join(re.escape(t) for t in self.specials) + ")") if self.specials else None
 
   def special_id(self, token):
     if token not in self._special_ids:
@@ -95,8 +97,17 @@ class WordTokenizer:
     return self._special_ids[token]
 
   def ids(self, text):
-    """Variable-length ids of `text` (no padding)."""
-    return [self._ids.get(w, self.unk_id) for w in split_words(text)]
+    """Variable-length ids of `text` (no padding); special tokens written out in the text
+    (e.g. "<|vision_start|>") map to their ids."""
+    if not self.specials:
+      return [self._ids.get(w, self.unk_id) for w in split_words(text)]
+    out = []
+    for piece in self._special_pattern.split(text):
+      if piece in self._special_ids:
+        out.append(self._special_ids[piece])
+      else:
+        out += [self._ids.get(w, self.unk_id) for w in split_words(piece)]
+    return out
 
   def encode(self, text, max_len):
     """Returns (ids int32[max_len], mask bool[max_len]); right-padded, truncated at max_len."""

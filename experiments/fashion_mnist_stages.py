@@ -27,10 +27,10 @@ TOKENIZER = text.WordTokenizer(records.WORDS, SPECIAL_TOKENS)
 
 # Per stage: records, sequence layout, steps, learning rate.
 STAGE_DATA = {
-    0: dict(kind="text", max_length=24, max_images=1, steps=300, learning_rate=3e-3),
-    1: dict(kind="generate", max_length=64, max_images=1, steps=1100, learning_rate=2e-3),
-    2: dict(kind="understand", max_length=64, max_images=1, steps=500, learning_rate=2e-3),
-    3: dict(kind="mixture", max_length=112, max_images=2, steps=600, learning_rate=5e-4),
+    0: dict(kind="text", max_length=32, max_images=1, steps=400, learning_rate=3e-3),
+    1: dict(kind="generate", max_length=57, max_images=1, steps=800, learning_rate=2e-3),
+    2: dict(kind="understand", max_length=64, max_images=1, steps=1500, learning_rate=3e-3),
+    3: dict(kind="mixture", max_length=112, max_images=2, steps=400, learning_rate=5e-4),
 }
 
 
@@ -67,7 +67,7 @@ def get_config(preset="stage1"):
       vlm=dict(vocab_size=-(-TOKENIZER.vocab_size // 8) * 8, hidden_size=64,
                intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
                mrope_section=(2, 3, 3), rope_theta=10_000.0, tie_word_embeddings=True),
-      vlm_dtype="float32", adapter_hidden=128,
+      vlm_dtype="float32", adapter_hidden=256,
       deep=dict(width=128, num_layers=4, num_heads=4, mlp_ratio=4.0),
       shallow=dict(width=64, num_layers=2, num_heads=4, mlp_ratio=4.0),
       num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
@@ -77,7 +77,8 @@ def get_config(preset="stage1"):
   c.noise = dict(t_min=0.02, t_max=0.2, loss_weighting="t")
   c.train = dict(steps=s["steps"], batch_size=32, caption_dropout=0.1, log_every=50,
                  eval_every=0, sample_every=0, checkpoint_every=500, keep_checkpoints=1,
-                 time_limit_minutes=0.0)
+                 time_limit_minutes=0.0,
+                 final_samples=False)        # the pipeline demo draws and judges its own
   c.optimizer = dict(learning_rate=s["learning_rate"], warmup_steps=min(100, s["steps"] // 5),
                      min_learning_rate=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
                      grad_clip_norm=1.0, trainable=list(pretzel_stages.STAGES[stage].trainable))

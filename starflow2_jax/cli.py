@@ -1,10 +1,12 @@
 """The `starflow2` command line: `starflow2 <command> [flags]`.
 
 Commands:
-  demo          train the embedded default on Fashion-MNIST and judge its samples
+  demo          the embedded default: STARFlow2's stages 0-3 on Fashion-MNIST, judged
+  caption-demo  the caption-to-image flow alone on Fashion-MNIST (10 minutes), judged
   train         train `--config` in `--workdir` (resumes from the latest checkpoint)
   eval          held-out bits/dim of a trained workdir
-  sample        images for `--captions` from a trained workdir
+  sample        images for `--caption`s, or continuations of `--prompt`s (text, images,
+                interleaved) from a trained workdir
   prepare-data  write ArrayRecord files (Fashion-MNIST, or a folder of images + JSONL)
   convert-qwen  a Hugging Face Qwen2.5-VL checkpoint -> an Orbax copy (`--hf-dir`, `--out`)
   generate      answer `--prompt` (and `--image`s) with a Qwen2.5-VL directory (`--vlm`)
@@ -46,7 +48,11 @@ _HF_DIR = flags.DEFINE_string("hf-dir", None, "convert-qwen: the Hugging Face ch
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
                            "convert-qwen / generate: parameter dtype.")
 _VLM = flags.DEFINE_string("vlm", None, "generate: a converted or Hugging Face Qwen2.5-VL dir.")
-_PROMPT = flags.DEFINE_string("prompt", None, "generate: the user's message.")
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", None, "generate: the user's message. sample (STARFlow2 workdirs): a prompt "
+    "(repeatable) of text, <image:PATH> and a final <draw>.")
+_MAX_NEW_POSITIONS = flags.DEFINE_integer("max_new", None,
+                                          "sample: positions to generate (default: config's).")
 _IMAGES = flags.DEFINE_multi_string("image", [], "generate: an image file (repeatable).")
 _MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "generate: answer length limit.")
 _GREEDY = flags.DEFINE_boolean("greedy", False, "generate: argmax decoding (else sampling).")
@@ -78,8 +84,16 @@ def cmd_train(argv):
 
 
 def cmd_demo(argv):
-  from starflow2_jax import demo
+  from starflow2_jax import pipeline_demo
   workdir = _WORKDIR.value or "runs/demo"
+  summary = pipeline_demo.run(workdir)
+  print(pipeline_demo.format_summary(summary))
+  print(f"samples, TensorBoard logs and summary.json are in {workdir}/")
+
+
+def cmd_caption_demo(argv):
+  from starflow2_jax import demo
+  workdir = _WORKDIR.value or "runs/caption_demo"
   summary = demo.run(_config(), workdir)
   print(demo.format_summary(summary))
   print(f"samples, TensorBoard logs and summary.json are in {workdir}/")
@@ -94,8 +108,18 @@ def cmd_eval(argv):
 def cmd_sample(argv):
   from starflow2_jax.training import evaluation
   workdir = _require_workdir()
+  config = _config(workdir)
+  if config.task == "pretzel":
+    if not _PROMPT.value:
+      raise app.UsageError("sample with a STARFlow2 workdir needs --prompt (repeatable)")
+    results, page = evaluation.sample_prompts_workdir(config, workdir, _PROMPT.value, _OUT.value,
+                                                      _GUIDANCE.value, _MAX_NEW_POSITIONS.value)
+    for result in results:
+      print(f"{result.text!r} + {len(result.images)} image(s)")
+    print(f"wrote {page}")
+    return
   captions = _CAPTIONS.value or None
-  path = evaluation.sample_workdir(_config(workdir), workdir, captions, _NUM.value,
+  path = evaluation.sample_workdir(config, workdir, captions, _NUM.value,
                                    _GUIDANCE.value, _OUT.value)
   print(f"wrote {path}")
 
@@ -133,7 +157,7 @@ def cmd_generate(argv):
   if not (_VLM.value and _PROMPT.value):
     raise app.UsageError("generate needs --vlm and --prompt")
   answer = vlm_chat.answer(
-      _VLM.value, _PROMPT.value, _IMAGES.value, max_new_tokens=_MAX_NEW.value,
+      _VLM.value, _PROMPT.value[0], _IMAGES.value, max_new_tokens=_MAX_NEW.value,
       greedy=_GREEDY.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
       seed=_SEED.value, dtype=jnp.dtype(_DTYPE.value))
   if _JSON.value:
@@ -145,6 +169,7 @@ def cmd_generate(argv):
 
 COMMANDS = {
     "demo": cmd_demo,
+    "caption-demo": cmd_caption_demo,
     "train": cmd_train,
     "eval": cmd_eval,
     "sample": cmd_sample,

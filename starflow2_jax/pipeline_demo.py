@@ -113,8 +113,8 @@ def render_png(results, path, scale=3):
   return image_io.save_png(stacked, path)
 
 
-def run(workdir, size="", overrides=None, judge_per_class=10, understanding_examples=500,
-        bpd_examples=1000):
+def run(workdir, size="", overrides=None, judge_per_class=20, understanding_examples=500,
+        bpd_examples=1000, judge_examples=20000):
   """Runs stages 0-3 (resuming finished ones from their checkpoints); returns the summary."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -135,7 +135,8 @@ def run(workdir, size="", overrides=None, judge_per_class=10, understanding_exam
       logging.info("fitting the independent classifier on the real training split")
       train_images, train_labels = fashion_mnist.load_idx_split(config.data.source_dir, "train")
       test_images, test_labels = fashion_mnist.load_idx_split(config.data.source_dir, "test")
-      judge = classifier.fit_logistic_regression(train_images, train_labels, 10)
+      judge = classifier.fit_logistic_regression(train_images[:judge_examples],
+                                                 train_labels[:judge_examples], 10)
       summary["classifier_test_accuracy"] = judge.accuracy(test_images, test_labels)
     if stage in (1, 3):
       logging.info("stage %d: held-out bpd and generation accuracy", stage)

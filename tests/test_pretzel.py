@@ -228,3 +228,15 @@ def test_kv_cached_decoding_equals_full_pass(model_and_params):
   valid = np.asarray(s["valid_bt"])
   for got, want in zip(cached, full):
     assert max_abs_diff(np.asarray(got)[valid], np.asarray(want)[valid]) < 1e-5
+
+
+def test_understanding_logits_skip_the_flow_stream_exactly_without_skips():
+  s = sequence()
+  model = pretzel.Pretzel(tiny_config(skips=False))
+  params = random_params(model, *full_args(s))
+  full = jitted(model)(params, *full_args(s)).logits_btv
+  fast = jitted(model, "understanding_logits")(params, *full_args(s))
+  assert max_abs_diff(fast, full) < 1e-6
+  with pytest.raises(ValueError, match="skips"):
+    pretzel.Pretzel(tiny_config(skips=True)).apply(
+        {"params": params}, *full_args(s), method="understanding_logits")

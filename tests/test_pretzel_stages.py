@@ -113,7 +113,8 @@ def test_stage_steps_change_only_the_trainable_set(stage):
   task = pretzel_stages.PretzelTask(config)
   state, optimizer, schedule = _state(task, config)
   before = _split(state.params, config.optimizer.trainable)
-  step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed))
+  step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed,
+                                         config.optimizer.trainable))
   batch = batch_of(task, [record(), record(prompt_segments=2)])
   for _ in range(2):
     state, metrics = step(state, batch)

@@ -187,6 +187,7 @@ class Pretzel(nn.Module):
     text_logits(h_vlm, g)                         -> float32 logits [B, T, V]
     gaussians(g)                                  -> (μ, log s) of each position's next element
     language_model(ids, positions_3bt, valid)     -> the VLM's own logits on text alone
+    understanding_logits(…same as __call__…)      -> text logits without the flow stream
     __call__(ids, x_bmnd, image_positions_bmn, image_valid_bm, is_visual, positions_3bt,
              valid, t_b, with_logits=True)        -> PretzelOutput (training, likelihood)
   `dtype` is the flow side's compute dtype; the VLM's is `config.vlm_dtype`.
@@ -223,13 +224,17 @@ class Pretzel(nn.Module):
       log_det_k = log_det_k + block_log_det
     return x_knd.reshape(b, m, n, d), log_det_k.reshape(b, m)
 
-  def streams(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None):
-    """Both streams over a chunk of the sequence; with a cache, the chunk is appended."""
+  def vlm_stream(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None):
+    """h^V: the VLM over token embeddings and Adapter(u, t) at visual positions."""
     token_btc = self.vlm.embed(ids_bt)
     visual_btc = self.adapter(u_btd, t_b).astype(token_btc.dtype)
     e_vlm_btc = jnp.where(is_visual_bt[..., None], visual_btc, token_btc)
-    h_vlm_btc, vlm_cache = self.vlm(e_vlm_btc, positions_3bt, valid_bt,
-                                    None if cache is None else cache.vlm)
+    return self.vlm(e_vlm_btc, positions_3bt, valid_bt, cache)
+
+  def streams(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None):
+    """Both streams over a chunk of the sequence; with a cache, the chunk is appended."""
+    h_vlm_btc, vlm_cache = self.vlm_stream(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt,
+                                           t_b, None if cache is None else cache.vlm)
     skip_btw = self.w_v(h_vlm_btc) if self.config.skips else None
     e_flow_btw = self.flow.inputs(h_vlm_btc, u_btd, is_visual_bt, t_b, skip_btw)
     g_btw, flow_cache = self.flow(e_flow_btw, positions_3bt, valid_bt,
@@ -250,6 +255,18 @@ class Pretzel(nn.Module):
     """The VLM stream alone on text: its logits [B, T, V] (stage 0 pretrains it this way)."""
     h_btc, _ = self.vlm(self.vlm.embed(ids_bt), positions_3bt, valid_bt)
     return self.vlm.logits(h_btc)
+
+  def understanding_logits(self, ids_bt, x_bmnd, image_positions_bmn, image_valid_bm,
+                           is_visual_bt, positions_3bt, valid_bt, t_b):
+    """Text logits without the flow stream: exact while there are no skips (stages 1–2),
+    where the logits do not read g; half the work of a full pass for stage 2."""
+    if self.config.skips:
+      raise ValueError("with the vertical skips the text logits read the flow stream: use "
+                       "__call__")
+    u_bmnd, _ = self.encode_images(x_bmnd, t_b)
+    u_btd = place_elements(u_bmnd, image_positions_bmn, image_valid_bm, ids_bt.shape[1])
+    h_vlm_btc, _ = self.vlm_stream(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b)
+    return self.vlm.logits(h_vlm_btc)
 
   def __call__(self, ids_bt, x_bmnd, image_positions_bmn, image_valid_bm, is_visual_bt,
                positions_3bt, valid_bt, t_b, with_logits=True):

@@ -10,10 +10,13 @@ segments again: generated text as strings, generated images as uint8 arrays.
 import dataclasses
 import html
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from PIL import Image
 
 from starflow2_jax import image_io
 from starflow2_jax.flows import noise
@@ -21,6 +24,35 @@ from starflow2_jax.sampling import interleaved as sampler
 from starflow2_jax.training import interleaved as layout_lib
 
 DRAW = "<draw>"
+_MARKER = re.compile(r"<image:([^>]+)>|<draw>")
+
+
+def load_image(path, image_shape):
+  """A uint8 [H, W, C] image from a file, converted and resized to `image_shape`."""
+  h, w, c = image_shape
+  try:
+    image = Image.open(path)
+    image.load()
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path!r}: {e}") from e
+  image = image.convert("L" if c == 1 else "RGB").resize((w, h), Image.BICUBIC)
+  return np.asarray(image, np.uint8).reshape(h, w, c)
+
+
+def parse_prompt(text, image_shape):
+  """'a sneaker: <image:shoe.png> and a bag: <draw>' -> ["a sneaker:", image, "and a bag:",
+  DRAW]: text, `<image:PATH>` for an input image, `<draw>` (last) to draw an image at once."""
+  segments, start = [], 0
+  for match in _MARKER.finditer(text):
+    if text[start:match.start()].strip():
+      segments.append(text[start:match.start()].strip())
+    segments.append(load_image(match.group(1), image_shape) if match.group(1) else DRAW)
+    start = match.end()
+  if text[start:].strip():
+    segments.append(text[start:].strip())
+  if not segments:
+    raise ValueError("empty prompt")
+  return segments
 
 
 def sampler_spec(task, **overrides):

@@ -78,7 +78,13 @@ class CaptionToImageTask:
     return pipeline.CaptionImageExample((h, w, self.config.data.channels),
                                         self.config.data.max_caption_len, self.tokenizer)
 
-  def _dummy_batch(self, batch=1):
+  @property
+  def positions_per_example(self):
+    """Sequence positions the deep block reads per example: caption, start, latent elements."""
+    return self.config.data.max_caption_len + 1 + self.latent.num_tokens
+
+  def dummy_batch(self, batch=1):
+    """A zero batch of the training shapes (for initialisation and benchmarks)."""
     h, w = self.config.data.image_size
     length = self.config.data.max_caption_len
     return dict(image=jnp.zeros((batch, h, w, self.config.data.channels), jnp.uint8),
@@ -88,7 +94,7 @@ class CaptionToImageTask:
   # ---- model --------------------------------------------------------------------------
 
   def init_params(self, rng):
-    b = self._dummy_batch()
+    b = self.dummy_batch()
     x = self.latent.encode(b["image"])
     t = jnp.full((1,), self.config.noise.t_min)
     return self.model.init(rng, x, t, b["caption_ids"], b["caption_mask"])["params"]

@@ -32,3 +32,20 @@ def sample_workdir(config, workdir, captions=None, num_per_caption=4, guidance_w
                                 jax.random.key(config.seed + 4), weight or None)
   grid = image_io.image_grid(images.reshape(len(captions), num_per_caption, *images.shape[1:]))
   return image_io.save_png(grid, out or os.path.join(workdir, f"samples_step_{step}.png"))
+
+
+def sample_prompts_workdir(config, workdir, prompt_texts, out=None, guidance_weight=None,
+                           max_new=None):
+  """Continues each prompt (`sampling.prompts.parse_prompt` syntax) with a trained Pretzel
+  workdir; writes `<out>/index.html` with the images. Returns (results, page path)."""
+  from starflow2_jax.sampling import prompts
+  task, params, step = trainer.restore_params(config, workdir)
+  overrides = {}
+  if guidance_weight is not None:
+    overrides["guidance_weight"] = guidance_weight or None
+  if max_new is not None:
+    overrides["max_new"] = max_new
+  parsed = [prompts.parse_prompt(p, task.layout.image_shape) for p in prompt_texts]
+  results = task.generator(**overrides).generate(params, parsed, jax.random.key(config.seed + 4))
+  out = out or os.path.join(workdir, f"samples_step_{step}")
+  return results, prompts.write_html(results, out, f"STARFlow2 samples, step {step}")

@@ -136,7 +136,12 @@ class PretzelTask:
     return interleaved.InterleavedExample(self.layout, self.tokenizer.ids,
                                           self.config.data.prompt_segments)
 
-  def _dummy_batch(self, batch=1):
+  @property
+  def positions_per_example(self):
+    return self.layout.max_length
+
+  def dummy_batch(self, batch=1):
+    """A zero batch of the training shapes (for initialisation and benchmarks)."""
     lay = self.layout
     t, m, n = lay.max_length, lay.max_images, lay.num_elements
     return dict(
@@ -154,15 +159,15 @@ class PretzelTask:
 
   # ---- model --------------------------------------------------------------------------
 
-  def apply(self, params, batch, x_bmnd, t_b, valid_bt=None, with_logits=True):
-    """The Pretzel's full pass over a batch of sequence arrays."""
+  def apply(self, params, batch, x_bmnd, t_b, valid_bt=None, method="__call__", **kwargs):
+    """The Pretzel's full pass (or `method`) over a batch of sequence arrays."""
     return self.model.apply(
         {"params": params}, batch["ids"], x_bmnd, batch["image_positions"],
         batch["image_valid"], batch["is_visual"], jnp.moveaxis(batch["positions"], 1, 0),
-        batch["valid"] if valid_bt is None else valid_bt, t_b, with_logits=with_logits)
+        batch["valid"] if valid_bt is None else valid_bt, t_b, method=method, **kwargs)
 
   def init_params(self, rng):
-    b = self._dummy_batch()
+    b = self.dummy_batch()
     x = self.latents(b["images"])
     t = jnp.full((1,), self.config.noise.t_min)
     return self.model.init(rng, b["ids"], x, b["image_positions"], b["image_valid"],
@@ -208,6 +213,11 @@ class PretzelTask:
     if stage.caption_dropout:
       keep_b = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (batch_size,))
       valid = valid & ~(batch["prompt_text"] & ~keep_b[:, None])
+    if not stage.flow_loss and not stage.skips:    # stage 2: the flow stream is not needed
+      logits = self.apply(params, batch, x, t, valid, method="understanding_logits")
+      ntp, accuracy = next_token_loss(logits, batch["ids"], batch["text_target"] & batch["valid"])
+      loss = cfg.loss.ntp_weight * ntp
+      return loss, {"loss": loss, "ntp": ntp, "token_accuracy": accuracy}
     out = self.apply(params, batch, x, t, valid, with_logits=stage.ntp_loss)
     loss, metrics = 0.0, {}
     if stage.flow_loss:
@@ -232,9 +242,10 @@ class PretzelTask:
     x = caption_to_image.uniform_dequantize(rng, self.latents(batch["images"]))
     t = jnp.full((x.shape[0],), self.config.eval.noise_level, jnp.float32)
     out = self.apply(params, batch, x, t, with_logits=self.stage.ntp_loss)
-    targets = batch["image_valid"] & batch["image_target"]
-    nll = masked_mean(out.images.nll_per_dim(), targets)
-    metrics = {"nll": nll, "pixel_bpd": likelihood.pixel_bits_per_dim(nll)}
+    metrics = {}
+    if self.stage.flow_loss:        # (stage 2's records have no target images)
+      nll = masked_mean(out.images.nll_per_dim(), batch["image_valid"] & batch["image_target"])
+      metrics.update(nll=nll, pixel_bpd=likelihood.pixel_bits_per_dim(nll))
     if self.stage.ntp_loss:
       ntp, accuracy = next_token_loss(out.logits_btv, batch["ids"],
                                       batch["text_target"] & batch["valid"])

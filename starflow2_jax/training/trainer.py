@@ -78,10 +78,24 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def make_train_step(task, optimizer, schedule, seed):
+def frozen_without_gradient(params, trainable):
+  """`params` with every leaf outside the `trainable` patterns behind `stop_gradient`: their
+  gradients are symbolic zeros, so autodiff skips the backward work that only they need
+  (e.g. the shallow blocks' backward pass in stage 2)."""
+  labels = optimizer_lib.trainable_labels(params, tuple(trainable))
+  return jax.tree.map(lambda p, label: p if label == "train" else jax.lax.stop_gradient(p),
+                      params, labels)
+
+
+def make_train_step(task, optimizer, schedule, seed, trainable=(".*",)):
+  """(state, batch) -> (state, metrics): one optimizer step on `task.loss`; only parameters
+  matching the `trainable` patterns are differentiated."""
+  loss_fn = lambda params, batch, rng: task.loss(frozen_without_gradient(params, trainable),
+                                                 batch, rng)
+
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (_, step_metrics), grads = jax.value_and_grad(task.loss, has_aux=True)(state.params, batch, rng)
+    (_, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     step_metrics = dict(step_metrics, learning_rate=schedule(state.step),
@@ -147,7 +161,8 @@ def train(config, workdir):
     # ---- Compiled steps ---------------------------------------------------------------
     batch_sharding = sharding.batch_sharding(mesh, rules)
     replicated = sharding.replicated(mesh)
-    train_step = jax.jit(make_train_step(task, optimizer, schedule, config.seed),
+    train_step = jax.jit(make_train_step(task, optimizer, schedule, config.seed,
+                                         config.optimizer.trainable),
                          in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, replicated), donate_argnums=(0,))
     eval_step = jax.jit(task.eval_metrics, in_shardings=(shardings.params, batch_sharding, replicated),
@@ -203,14 +218,15 @@ def train(config, workdir):
 
     # ---- Final evaluation, samples and summary ----------------------------------------
     last_eval = run_eval(step) if not stopped_early or not last_eval else last_eval
-    sample_path = save_samples(task, state.params, step, workdir, writer, config.seed)
+    sample_path = (save_samples(task, state.params, step, workdir, writer, config.seed)
+                   if cfg_train.get("final_samples", True) else None)
     writer.flush()
     writer.close()
 
   summary = dict(
       step=step, train_loss=last_train.get("loss"), train_nll=last_train.get("nll"),
       test_bpd=last_eval.get("pixel_bpd"), test_nll=last_eval.get("nll"),
-      stopped_early=stopped_early, wall_seconds=time.time() - start_time,
+      eval=last_eval, stopped_early=stopped_early, wall_seconds=time.time() - start_time,
       samples=sample_path and os.path.relpath(sample_path, workdir))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

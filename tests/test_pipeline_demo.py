@@ -1,0 +1,73 @@
+"""The whole-pipeline demo (stages 0-3) at the tiny preset on fake Fashion-MNIST, then
+`starflow2 sample` on its stage-3 workdir; and the stage records themselves."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from array_record.python import array_record_module
+
+from data_pipelines import fashion_mnist_stages as stage_records
+from data_pipelines import records
+from data_pipelines import testing
+from experiments import fashion_mnist_stages as experiment
+from starflow2_jax import image_io
+from starflow2_jax import pipeline_demo
+from starflow2_jax.training import pretzel_stages
+
+
+def test_stage_records_fit_their_stage_layouts(tmp_path):
+  testing.write_fake_fashion_mnist(str(tmp_path / "idx"), num_train=12, num_test=6)
+  stage_records.write_stage_records(str(tmp_path / "idx"), str(tmp_path / "records"))
+  tokenizer = experiment.TOKENIZER
+  for stage, spec in experiment.STAGE_DATA.items():
+    task = pretzel_stages.PretzelTask(experiment.get_config(f"stage{stage}-tiny"))
+    path = tmp_path / "records" / f"{spec['kind']}_train-00000-of-00001.array_record"
+    reader = array_record_module.ArrayRecordReader(str(path))
+    raw = reader.read_all()
+    reader.close()
+    assert raw, spec["kind"]
+    for data in raw:     # every record fits its stage's layout, with no unknown words
+      ex = task.example_transform()(records.decode_record(data))
+      assert not np.any(ex["ids"][ex["valid"]] == tokenizer.unk_id)
+      assert ex["text_target"].any() or ex["image_target"].any()
+
+
+def test_understanding_answers_name_classes():
+  assert pipeline_demo.named_class("a ankle boot.") == 9
+  assert pipeline_demo.named_class("a shirt.") == 6
+  assert pipeline_demo.named_class("a t-shirt/top.") == 0
+  assert pipeline_demo.named_class("what is in this picture?") is None
+  assert all(pipeline_demo.named_class(stage_records.answer(k)) == k for k in range(10))
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_runs_every_stage_and_the_sample_command(tmp_path):
+  idx = str(tmp_path / "idx")
+  testing.write_fake_fashion_mnist(idx, num_train=40, num_test=20)
+  workdir = str(tmp_path / "run")
+  summary = pipeline_demo.run(workdir, size="tiny", overrides={"data.source_dir": idx},
+                              judge_per_class=1, understanding_examples=10, bpd_examples=8)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    written = json.load(f)
+  for key in ("test_bpd_stage1", "test_bpd_stage3", "generation_accuracy_stage1",
+              "generation_accuracy_stage3", "understanding_accuracy_stage2",
+              "understanding_accuracy_stage3", "classifier_test_accuracy"):
+    assert np.isfinite(written[key]) and written[key] == summary[key], key
+  assert os.path.exists(os.path.join(workdir, "interleaved", "index.html"))
+  assert os.path.exists(os.path.join(workdir, "interleaved.png"))
+
+  image_path = str(tmp_path / "shoe.png")
+  image_io.save_png(np.full((28, 28, 1), 200, np.uint8), image_path)
+  out = str(tmp_path / "samples")
+  result = subprocess.run(
+      [sys.executable, "-m", "starflow2_jax.cli", "sample", "--workdir",
+       os.path.join(workdir, "stage3"), "--prompt", "a photo of a sneaker <draw>",
+       "--prompt", f"<image:{image_path}> {stage_records.QUESTION}", "--out", out],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr[-2000:]
+  page = open(os.path.join(out, "index.html")).read()
+  assert "row000_gen0.png" in page and "row001_prompt0.png" in page
