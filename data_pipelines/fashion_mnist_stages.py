@@ -61,10 +61,6 @@ def interleaved_record(images, labels):
       {"label": int(la), "second_label": int(lb), "prompt_segments": 1})
 
 
-# Stage-0 text writes an image span as its two markers, with nothing between them.
-IMAGE = "<|vision_start|> <|vision_end|>"
-
-
 def described_image(label, rng):
   """An image span that holds noisy evidence of its class as text, what a VLM "sees" in a
   picture: 1–8 class names, each the true one with probability 0.6, else a random one."""
@@ -76,14 +72,15 @@ def described_image(label, rng):
 
 def text_record(rng):
   """One of the sentence shapes the later stages use, with random classes. Images are spans
-  that are empty or hold their class name, so the language model learns where spans open
-  and close, and to answer the question by weighing what is inside the span: stage 2 then
-  only has to teach the adapter to make each patch of a picture read like a vote for its
-  class."""
+  that hold noisy votes for their class, so the language model learns where spans open and
+  close, what a captioned span will hold (its state at `<|vision_start|>` knows the class,
+  which stage 1's flow reads), and to answer a question by weighing what is inside a span
+  (stage 2 then only has to make each patch of a picture read like a vote for its class)."""
   la, lb = (int(v) for v in rng.integers(0, len(fashion_mnist.CLASS_NAMES), 2))
-  shapes = (f"{caption(la)} {IMAGE}", f"{described_image(la, rng)} {QUESTION} {answer(la)}",
+  image_a, image_b = described_image(la, rng), described_image(lb, rng)
+  shapes = (f"{caption(la)} {image_a}", f"{image_a} {QUESTION} {answer(la)}",
             f"{caption(la)}. {QUESTION} {answer(la)}",
-            f"{_names(la)}: {IMAGE} and {_names(lb)}: {IMAGE} .")
+            f"{_names(la)}: {image_a} and {_names(lb)}: {image_b} .")
   return records.InterleavedRecord((records.TextSegment(shapes[rng.integers(len(shapes))]),),
                                    {"label": la, "prompt_segments": 0})
 

@@ -13,6 +13,9 @@ Presets `stage0` … `stage3` (add `-tiny` for seconds-long test runs, e.g. `sta
           zero-initialised vertical skips W_v, W_t
 Each stage warm-starts from the previous one's workdir (`init.from_workdir`). Records are
 written from the Fashion-MNIST idx files on first use (data_pipelines/fashion_mnist_stages.py).
+`starflow2 demo` runs all four in 18.7 minutes on the 2-core dev machine: understanding 77.0%
+after stage 2 and 76.8% after stage 3, generation (judged) 22% after stage 1 and 25% after
+stage 3, 5.42 / 5.48 bits/dim (README has the figures).
 """
 
 import ml_collections
@@ -27,10 +30,11 @@ TOKENIZER = text.WordTokenizer(records.WORDS, SPECIAL_TOKENS)
 
 # Per stage: records, sequence layout, steps, learning rate.
 STAGE_DATA = {
-    0: dict(kind="text", max_length=32, max_images=1, steps=400, learning_rate=3e-3),
+    0: dict(kind="text", max_length=40, max_images=1, steps=400, learning_rate=3e-3),
     1: dict(kind="generate", max_length=57, max_images=1, steps=800, learning_rate=2e-3),
-    2: dict(kind="understand", max_length=64, max_images=1, steps=1500, learning_rate=3e-3),
-    3: dict(kind="mixture", max_length=112, max_images=2, steps=400, learning_rate=5e-4),
+    2: dict(kind="understand", max_length=64, max_images=1, steps=1300, learning_rate=3e-3),
+    3: dict(kind="mixture", max_length=112, max_images=2, steps=400, learning_rate=5e-4,
+            ntp_weight=3.0),
 }
 
 
@@ -73,7 +77,8 @@ def get_config(preset="stage1"):
       num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
       remat=False)
   c.init = dict(from_workdir="", vlm_checkpoint="")
-  c.loss = dict(ntp_weight=1.0)
+  c.loss = dict(ntp_weight=s.get("ntp_weight", 1.0))   # λ; stage 3 leans on the text loss
+                                                      # to keep understanding (frozen-VLM promise)
   c.noise = dict(t_min=0.02, t_max=0.2, loss_weighting="t")
   c.train = dict(steps=s["steps"], batch_size=32, caption_dropout=0.1, log_every=50,
                  eval_every=0, sample_every=0, checkpoint_every=500, keep_checkpoints=1,
@@ -96,7 +101,7 @@ def get_config(preset="stage1"):
     c.model.deep = dict(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
     c.model.shallow = dict(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
     c.model.num_shallow_blocks = 1
-    c.train.update(steps=3, batch_size=4, log_every=1, checkpoint_every=3)
-    c.eval.update(batch_size=4, num_examples=8)
+    c.train.update(steps=3, batch_size=8, log_every=1, checkpoint_every=3)
+    c.eval.update(batch_size=8, num_examples=8)
     c.sample.update(per_class=1, denoise_steps=1, max_new=60)
   return c
