@@ -107,7 +107,11 @@ def _split(params, patterns):
   return {optimizer_lib.path_name(p): (v, l) for (p, v), l in zip(flat, jax.tree.leaves(labels))}
 
 
-@pytest.mark.parametrize("stage", [2])
+TRAINED = {0: {"vlm"}, 1: {"flow", "shallow_0", "shallow_1"}, 2: {"adapter"},
+           3: {"flow", "shallow_0", "shallow_1", "adapter", "w_v", "w_t"}}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stage_steps_change_only_the_trainable_set(stage):
   config = tiny_config(stage)
   task = pretzel_stages.PretzelTask(config)
@@ -121,7 +125,7 @@ def test_stage_steps_change_only_the_trainable_set(stage):
   assert np.isfinite(float(metrics["loss"]))
   after = _split(state.params, config.optimizer.trainable)
   trained = [k for k, (_, label) in before.items() if label == "train"]
-  assert trained and all(k.startswith("adapter/") for k in trained)
+  assert {k.split("/")[0] for k in trained} == TRAINED[stage]
   for name, (value, label) in before.items():
     same = tree_bits(value) == tree_bits(after[name][0])
     assert same == (label == "freeze"), name
