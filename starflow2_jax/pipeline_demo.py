@@ -28,6 +28,7 @@ from data_pipelines import fashion_mnist_stages as stage_records
 from data_pipelines import text as text_lib
 from experiments import fashion_mnist_stages as experiment
 from starflow2_jax import image_io
+from starflow2_jax import sharding
 from starflow2_jax.evaluation import classifier
 from starflow2_jax.sampling import prompts
 from starflow2_jax.training import data as data_lib
@@ -52,11 +53,12 @@ def held_out_bpd(task, params, config, data_dir, num_examples):
   config = config.copy_and_resolve_references()
   config.data.test_split = "generate_test"
   config.eval.num_examples = num_examples
-  totals = []
-  step = jax.jit(task.eval_metrics)
-  for batch in data_lib.eval_batches(config, task, data_dir):
-    totals.append(float(step(params, batch, jax.random.key(0))["pixel_bpd"]))
-  return float(np.mean(totals))
+  mesh, rules = sharding.mesh_and_rules(config.mesh)
+  with jax.set_mesh(mesh):
+    metrics = trainer.evaluate(jax.jit(task.eval_metrics), params,
+                               data_lib.eval_batches(config, task, data_dir), mesh, rules,
+                               config.seed)
+  return metrics["pixel_bpd"]
 
 
 def generation_accuracy(task, params, judge, per_class, rng):

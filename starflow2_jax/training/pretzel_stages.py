@@ -1,4 +1,4 @@
-"""The three STARFlow2 training stages (SPEC §4) as one task for the generic trainer.
+"""The STARFlow2 training stages (SPEC §4; stage 0 for the demo) as one task for the trainer.
 
 `config.stage` picks a row of `STAGES`: which losses run, whether captions are dropped for
 classifier-free guidance, whether the model has the vertical skips W_v, W_t. Which
@@ -28,7 +28,6 @@ from data_pipelines import text as text_lib
 from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import noise
 from starflow2_jax.flows import stack
-from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import pretzel
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
 from starflow2_jax.training import caption_to_image
@@ -108,6 +107,11 @@ def next_token_loss(logits_btv, ids_bt, target_bt):
   count = jnp.maximum(jnp.sum(mask), 1)
   accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) & mask) / count
   return jnp.sum(ce * mask) / count, accuracy
+
+
+def batch_text_loss(logits_btv, batch):
+  """`next_token_loss` on a batch's real target text: (loss, accuracy)."""
+  return next_token_loss(logits_btv, batch["ids"], batch["text_target"] & batch["valid"])
 
 
 def masked_mean(values, mask):
@@ -195,7 +199,7 @@ class PretzelTask:
     logits = self.model.apply({"params": params}, batch["ids"],
                               jnp.moveaxis(batch["positions"], 1, 0), batch["valid"],
                               method="language_model")
-    ntp, accuracy = next_token_loss(logits, batch["ids"], batch["text_target"] & batch["valid"])
+    ntp, accuracy = batch_text_loss(logits, batch)
     return {"loss": ntp, "ntp": ntp, "token_accuracy": accuracy}
 
   def loss(self, params, batch, rng):
@@ -215,7 +219,7 @@ class PretzelTask:
       valid = valid & ~(batch["prompt_text"] & ~keep_b[:, None])
     if not stage.flow_loss and not stage.skips:    # stage 2: the flow stream is not needed
       logits = self.apply(params, batch, x, t, valid, method="understanding_logits")
-      ntp, accuracy = next_token_loss(logits, batch["ids"], batch["text_target"] & batch["valid"])
+      ntp, accuracy = batch_text_loss(logits, batch)
       loss = cfg.loss.ntp_weight * ntp
       return loss, {"loss": loss, "ntp": ntp, "token_accuracy": accuracy}
     out = self.apply(params, batch, x, t, valid, with_logits=stage.ntp_loss)
@@ -227,8 +231,7 @@ class PretzelTask:
       loss = loss + masked_mean(weights * nll_bm, targets)
       metrics["flow_nll"] = masked_mean(nll_bm, targets)
     if stage.ntp_loss:
-      ntp, accuracy = next_token_loss(out.logits_btv, batch["ids"],
-                                      batch["text_target"] & batch["valid"])
+      ntp, accuracy = batch_text_loss(out.logits_btv, batch)
       loss = loss + cfg.loss.ntp_weight * ntp
       metrics.update(ntp=ntp, token_accuracy=accuracy)
     metrics["loss"] = loss
@@ -247,8 +250,7 @@ class PretzelTask:
       nll = masked_mean(out.images.nll_per_dim(), batch["image_valid"] & batch["image_target"])
       metrics.update(nll=nll, pixel_bpd=likelihood.pixel_bits_per_dim(nll))
     if self.stage.ntp_loss:
-      ntp, accuracy = next_token_loss(out.logits_btv, batch["ids"],
-                                      batch["text_target"] & batch["valid"])
+      ntp, accuracy = batch_text_loss(out.logits_btv, batch)
       metrics.update(ntp=ntp, token_accuracy=accuracy)
     return metrics
 
