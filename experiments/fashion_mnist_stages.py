@@ -31,10 +31,28 @@ TOKENIZER = text.WordTokenizer(records.WORDS, SPECIAL_TOKENS)
 # Per stage: records, sequence layout, steps, learning rate.
 STAGE_DATA = {
     0: dict(kind="text", max_length=40, max_images=1, steps=400, learning_rate=3e-3),
-    1: dict(kind="generate", max_length=57, max_images=1, steps=800, learning_rate=2e-3),
-    2: dict(kind="understand", max_length=64, max_images=1, steps=1300, learning_rate=3e-3),
-    3: dict(kind="mixture", max_length=112, max_images=2, steps=400, learning_rate=5e-4,
+    1: dict(kind="generate", max_length=57, max_images=1, steps=1400, learning_rate=2e-3),
+    2: dict(kind="understand", max_length=64, max_images=1, steps=1000, learning_rate=3e-3),
+    3: dict(kind="mixture", max_length=112, max_images=2, steps=150, learning_rate=5e-4,
             ntp_weight=3.0),
+}
+
+# What `starflow2 demo` must reach, per size, checked into summary.json beside each figure.
+# A floor is (figure, comparison, bound); the bound is a number or (another figure, offset).
+FLOORS = {
+    "": (
+        ("test_bpd_stage1", "<=", 5.36),
+        ("generation_accuracy_stage1", ">=", 0.70),
+        ("generation_accuracy_stage3", ">=", 0.70),
+        ("generation_accuracy_stage3", ">=", ("generation_accuracy_stage1", 0.0)),
+        ("understanding_accuracy_stage2", ">=", 0.70),
+        ("understanding_accuracy_stage3", ">=", ("understanding_accuracy_stage2", -0.02)),
+        ("total_seconds", "<=", 20 * 60),
+    ),
+    # The tiny preset on the tests' fake data, whose classes are distinct templates.
+    "tiny": (
+        ("generation_accuracy_stage1", ">=", 0.30),
+    ),
 }
 
 
@@ -72,7 +90,9 @@ def get_config(preset="stage1"):
                intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
                mrope_section=(2, 3, 3), rope_theta=10_000.0, tie_word_embeddings=True),
       vlm_dtype="float32", adapter_hidden=256,
-      deep=dict(width=128, num_layers=4, num_heads=4, mlp_ratio=4.0),
+      # rope_layout: the flow stream's M-RoPE layout ("interleaved": every axis gets high
+      # frequencies; "chunked" = Qwen2.5-VL's split, which leaves columns nearly blind).
+      deep=dict(width=128, num_layers=4, num_heads=4, mlp_ratio=4.0, rope_layout="interleaved"),
       shallow=dict(width=64, num_layers=2, num_heads=4, mlp_ratio=4.0),
       num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
       remat=False)
@@ -98,10 +118,13 @@ def get_config(preset="stage1"):
   if size == "tiny":
     c.model.vlm.update(hidden_size=32, intermediate_size=64, num_layers=1, mrope_section=(1, 2, 1))
     c.model.adapter_hidden = 32
-    c.model.deep = dict(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
+    c.model.deep.update(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
     c.model.shallow = dict(width=32, num_layers=1, num_heads=2, mlp_ratio=2.0)
     c.model.num_shallow_blocks = 1
-    c.train.update(steps=3, batch_size=8, log_every=1, checkpoint_every=3)
+    # Stage 1 trains long enough (seconds) for the tiny floor in FLOORS to mean something.
+    steps = 150 if stage == 1 else 3
+    c.train.update(steps=steps, batch_size=8, log_every=1, checkpoint_every=steps)
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, steps // 5)
     c.eval.update(batch_size=8, num_examples=8)
     c.sample.update(per_class=1, denoise_steps=1, max_new=60)
   return c

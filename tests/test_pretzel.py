@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import max_abs_diff, random_params, tree_bits
+from tolerance import assert_float32_close
 from starflow2_jax.flows import affine
 from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import stack
@@ -25,8 +26,8 @@ def tiny_config(skips=True):
   vlm = qwen_config.TextConfig(vocab_size=48, hidden_size=32, intermediate_size=64,
                                num_layers=1, num_heads=4, num_kv_heads=2,
                                mrope_section=(1, 2, 1), rope_theta=10_000.0)
-  deep = transformer_lib.TransformerConfig(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0,
-                                           mrope_section=pretzel.mrope_section(8))
+  deep = pretzel.with_flow_positions(
+      transformer_lib.TransformerConfig(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0))
   shallow = transformer_lib.TransformerConfig(width=16, num_layers=1, num_heads=2,
                                               mlp_ratio=2.0)
   flow = stack.FlowConfig(latent_dim=D, deep=deep, shallow=shallow, num_shallow_blocks=2)
@@ -153,7 +154,12 @@ def _deep_terms_step_by_step(model, params, s, row, image):
     cache = streams.cache
     mean, log_s = jitted(model, "gaussians")(params, streams.g_btw)
     mean, log_s = mean[0, 0], log_s[0, 0]
-  np.testing.assert_allclose(u[0], u_all[0, image], atol=1e-6)
+  # Two routes through the shallow blocks (each a Transformer layer of width 16, MLP 32, and
+  # a head): depth = blocks × (layers + 1).
+  shallow = cfg.flow.shallow
+  assert_float32_close(u[0], u_all[0, image],
+                       depth=cfg.flow.num_shallow_blocks * (shallow.num_layers + 1),
+                       reduction=int(shallow.width * shallow.mlp_ratio))
   return jnp.stack(z), log_det_shallow[0], log_det_deep
 
 
@@ -189,8 +195,9 @@ def test_deep_log_det_matches_jacobian(model_and_params):
                           s["valid_bt"][row:row + 1], s["t_b"][row:row + 1], method="streams")
     mean, log_s = model.apply({"params": params}, streams.g_btw, method="gaussians")
     index = s["image_positions_bmn"][row:row + 1, image:image + 1]
-    mean = pretzel.predictions_for_elements(mean, index)[0, 0]
-    log_s = pretzel.predictions_for_elements(log_s, index)[0, 0]
+    valid = s["valid_bt"][row:row + 1]
+    mean = pretzel.predictions_for_elements(mean, index, valid)[0, 0]
+    log_s = pretzel.predictions_for_elements(log_s, index, valid)[0, 0]
     return affine.to_noise(u_nd, mean, log_s).reshape(-1), -jnp.sum(log_s)
 
   u_all, _ = jitted(model, "encode_images")(params, s["x_bmnd"][row:row + 1],

@@ -28,7 +28,7 @@ def tiny_config(stage, **init):
       vlm=dict(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=1,
                num_heads=4, num_kv_heads=2, mrope_section=(1, 2, 1), rope_theta=10_000.0),
       vlm_dtype="float32", adapter_hidden=16,
-      deep=dict(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0),
+      deep=dict(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0, rope_layout="interleaved"),
       shallow=dict(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0),
       num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
       remat=False)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import max_abs_diff, random_params
+from tolerance import assert_float32_close
 from starflow2_jax.flows import affine
 from starflow2_jax.models import pretzel
 from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
@@ -188,3 +189,44 @@ def test_text_stops_at_a_stop_token(model_and_params):
   stopped = compiled(model, s)(params, prompt, x, jax.random.key(0))
   generated = np.asarray(stopped.generated)
   assert generated[0].sum() == 1 and generated[1].sum() >= 1
+
+
+@pytest.mark.parametrize("w", [None, 2.0])
+def test_denoiser_log_prob_reads_each_rows_vision_start(model_and_params, w):
+  """Prompts of different lengths, right-padded in one batch: the log-likelihood that the
+  denoiser differentiates must score each generated element with the Gaussian the loop drew
+  it from — the first one with the output at the row's `<|vision_start|>`, not at the padding
+  slot before the generated positions. Reference: full passes read where the loop read."""
+  model, params = model_and_params
+  prompt, x = prompt_batch(ROWS)
+  s = spec(max_new=N + 1, guidance_weight=w)
+  seq = compiled(model, s)(params, prompt, x, jax.random.key(11))
+  spans = sampler.image_spans(seq, N)
+  x_all = sampler.images_of(model, params, seq, spans, s, t_min=T, denoise_steps=-1)
+  t_b = jnp.full((2,), T)
+  got = sampler.sequence_log_prob(model, params, seq, spans, w)(x_all, t_b)
+
+  _, log_det_shallow = model.apply({"params": params}, x_all, t_b, method="encode_images")
+  start = prompt["ids"].shape[1]
+  slots = start + np.arange(N)
+  reads = np.stack([np.concatenate([[int(np.sum(prompt["valid"][b])) - 1], slots[:-1]])
+                    for b in range(2)])
+  assert not np.any(prompt["valid"][:, -1])     # both rows have padding before the image
+
+  def log_prob(rows_valid):
+    _, mean, log_s = full_pass(model, params, seq, rows_valid)
+    rows = np.arange(2)[:, None]
+    z = affine.to_noise(seq.u_btd[rows, slots], mean[rows, reads], log_s[rows, reads])
+    gaussian = -0.5 * z ** 2 - log_s[rows, reads] - 0.5 * np.log(2 * np.pi)
+    generated = np.asarray(spans.valid & spans.generated)
+    return jnp.sum(gaussian, axis=(1, 2)) + jnp.sum(jnp.where(generated, log_det_shallow, 0),
+                                                      axis=1)
+
+  want = log_prob(seq.valid)
+  if w is not None:
+    want = (1 + w) * want - w * log_prob(seq.valid & ~seq.prompt_text)
+  cfg = model.config
+  assert_float32_close(got, want,
+                       depth=cfg.vlm.num_layers + cfg.flow.deep.num_layers + 1
+                       + cfg.flow.num_shallow_blocks * (cfg.flow.shallow.num_layers + 1),
+                       reduction=max(cfg.vlm.intermediate_size, N * D))

@@ -24,18 +24,47 @@ def apply_rotary(x_btnh, angles_bth):
   return rotated.astype(x_btnh.dtype)
 
 
-def mrope_angles(positions_3bt, head_dim, theta, mrope_section):
-  """Qwen2.5-VL multimodal RoPE: angles [B, T, head_dim // 2] from (t, row, col) positions.
+MROPE_LAYOUTS = ("chunked", "interleaved")
 
-  The frequencies are those of `rotary_angles`; `mrope_section` splits them into consecutive
-  chunks, chunk i rotating by position axis i % 3 (e.g. [16, 24, 24] for head_dim 128).
-  For text tokens all three axes are equal, which reduces to plain 1-D RoPE.
+
+def mrope_axis_of_frequency(half, layout, mrope_section=None):
+  """Which position axis (0 = t, 1 = row, 2 = col) each of the `half` frequencies rotates by.
+
+  "chunked" is Qwen2.5-VL's split: consecutive chunks of `mrope_section` sizes, highest
+  frequencies to t, then row, then col — so col only gets the lowest frequencies. Keep it
+  where weights were trained with it (the VLM stream). "interleaved" deals the frequencies
+  round robin (t, row, col, t, row, col, …, as Qwen3-VL does), so every axis gets high and
+  low ones; the flow stream, trained from scratch, uses it (SPEC §1).
+  """
+  if layout == "chunked":
+    if mrope_section is None or sum(mrope_section) != half:
+      raise ValueError(f"mrope_section {mrope_section} must sum to head_dim // 2 = {half} "
+                       "for the chunked M-RoPE layout")
+    return [i % 3 for i, size in enumerate(mrope_section) for _ in range(size)]
+  if layout == "interleaved":
+    return [i % 3 for i in range(half)]
+  raise ValueError(f"unknown M-RoPE layout {layout!r}: use one of {MROPE_LAYOUTS}")
+
+
+def qwen_mrope_section(head_dim):
+  """Qwen2.5-VL's chunk sizes over (t, row, col) — a quarter, then halves of the rest
+  ((16, 24, 24) at head_dim 128) — for another head size."""
+  half = head_dim // 2
+  t = half // 4
+  row = (half - t + 1) // 2
+  return (t, row, half - t - row)
+
+
+def mrope_angles(positions_3bt, head_dim, theta, mrope_section=None, layout="chunked"):
+  """Multimodal RoPE: angles [B, T, head_dim // 2] from (t, row, col) positions [3, B, T].
+
+  The frequencies are those of `rotary_angles`; `layout` says which axis rotates each one
+  (`mrope_axis_of_frequency`; Qwen2.5-VL's default is "chunked" with [16, 24, 24] at
+  head_dim 128). For text tokens all three axes are equal, which reduces to plain 1-D RoPE
+  in either layout.
   """
   half = head_dim // 2
-  if sum(mrope_section) != half:
-    raise ValueError(f"mrope_section {list(mrope_section)} sums to {sum(mrope_section)}, "
-                     f"not head_dim // 2 = {half}")
-  axis_of_freq = [i % 3 for i, size in enumerate(mrope_section) for _ in range(size)]
+  axis_of_freq = mrope_axis_of_frequency(half, layout, mrope_section)
   inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
   positions_hbt = jnp.take(positions_3bt, jnp.asarray(axis_of_freq), axis=0)
   return jnp.moveaxis(positions_hbt.astype(jnp.float32), 0, -1) * inv_freq

@@ -22,7 +22,11 @@ class TransformerConfig:
   mlp_ratio: float = 4.0
   rope_theta: float = 10_000.0
   remat: bool = False
-  mrope_section: tuple | None = None   # set: positions are Qwen2.5-VL M-RoPE (t, row, col)
+  # None: 1-D positions [B, T]. "chunked" / "interleaved": M-RoPE over (t, row, col)
+  # positions [3, B, T] with that frequency layout (`rotary.mrope_axis_of_frequency`);
+  # "chunked" needs `mrope_section`.
+  rope_layout: str | None = None
+  mrope_section: tuple | None = None
 
   @property
   def head_dim(self):
@@ -32,9 +36,10 @@ class TransformerConfig:
 
   def rotary_angles(self, positions):
     """Angles [B, T, head_dim // 2] from positions [B, T] (1-D RoPE) or [3, B, T] (M-RoPE)."""
-    if self.mrope_section is None:
+    if self.rope_layout is None:
       return rotary.rotary_angles(positions, self.head_dim, self.rope_theta)
-    return rotary.mrope_angles(positions, self.head_dim, self.rope_theta, self.mrope_section)
+    return rotary.mrope_angles(positions, self.head_dim, self.rope_theta, self.mrope_section,
+                               self.rope_layout)
 
   def empty_cache(self, batch, max_length, dtype=jnp.float32):
     return kv_cache_lib.KVCache.zeros(
@@ -68,7 +73,7 @@ class Transformer(nn.Module):
 
   `__call__(x, positions, valid, cache=None)` returns `(y, cache)`. With a cache, this
   call's tokens are appended at `cache.length` and attend to everything before them.
-  Positions are [B, T], or [3, B, T] when `config.mrope_section` is set (M-RoPE).
+  Positions are [B, T], or [3, B, T] when `config.rope_layout` is set (M-RoPE).
   """
   config: TransformerConfig
   dtype: jnp.dtype = jnp.float32
@@ -85,7 +90,7 @@ class Transformer(nn.Module):
       layer_caches, cache_length = cache.layers, cache.length
       cache_valid = jax.lax.dynamic_update_slice(cache.valid_bs, valid_bt, (0, cache_length))
     angles_bth = None
-    if self.config.mrope_section is not None:
+    if self.config.rope_layout is not None:
       angles_bth, positions_bt = self.config.rotary_angles(positions_bt), None
     new_layer_caches = []
     for i, layer_cache in enumerate(layer_caches):

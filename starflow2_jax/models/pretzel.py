@@ -6,6 +6,8 @@ M-RoPE positions, and the output at position i predicts element i + 1:
   VLM:   e^V = TokEmbed(w) at text positions, Adapter(u, t) at visual ones;  h^V = VLM(e^V)
   flow:  e^F = P_c(h^V) at text positions, P_u(u) + W_v h^V at visual ones (+ MLP(log t));
          g = Deep(e^F);  (μ, log s) of the next visual element = Head_F(g)
+         (Deep rotates by the same positions with its own M-RoPE layout, `flow.deep.rope_layout`:
+         the VLM keeps Qwen's chunked split, the flow interleaves the axes — SPEC §1)
   text:  logits = LMHead(h^V + W_t g), LMHead being the VLM's own
 
 Images pass through the visual-only shallow blocks first (x -> u); only u enters the shared
@@ -31,6 +33,7 @@ from starflow2_jax.flows import stack
 from starflow2_jax.layers import embeddings
 from starflow2_jax.layers import kv_cache as kv_cache_lib
 from starflow2_jax.layers import linear
+from starflow2_jax.layers import rotary
 from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import adapter as adapter_lib
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
@@ -56,18 +59,17 @@ class PretzelConfig:
   vlm_dtype: str = "float32"
 
   def __post_init__(self):
-    if self.flow.deep.mrope_section is None:
-      raise ValueError("the deep Transformer reads the VLM's M-RoPE positions: set "
-                       "flow.deep.mrope_section (e.g. pretzel.mrope_section(head_dim))")
+    if self.flow.deep.rope_layout not in rotary.MROPE_LAYOUTS:
+      raise ValueError("the deep Transformer reads the VLM's (t, row, col) positions: set "
+                       f"flow.deep.rope_layout to one of {rotary.MROPE_LAYOUTS} "
+                       f"(got {self.flow.deep.rope_layout!r}; SPEC §1 chooses 'interleaved')")
 
 
-def mrope_section(head_dim):
-  """Qwen2.5-VL's split of the rotary frequencies over (t, row, col) — a quarter, then
-  halves of the rest ((16, 24, 24) at head_dim 128) — for another head size."""
-  half = head_dim // 2
-  t = half // 4
-  row = (half - t + 1) // 2
-  return (t, row, half - t - row)
+def with_flow_positions(deep, layout="interleaved"):
+  """The deep Transformer's config reading (t, row, col) positions with M-RoPE `layout`
+  ("chunked" uses Qwen2.5-VL's split for this head size, as the VLM stream does)."""
+  section = rotary.qwen_mrope_section(deep.head_dim) if layout == "chunked" else None
+  return dataclasses.replace(deep, rope_layout=layout, mrope_section=section)
 
 
 class ImageTerms(NamedTuple):
@@ -138,9 +140,24 @@ def elements_at(x_btd, positions_bmn):
   return x_bkd.reshape(b, m, n, x_btd.shape[-1])
 
 
-def predictions_for_elements(x_btd, image_positions_bmn):
-  """[B, M, N, D]: each element's prediction, read at the position before it."""
-  return elements_at(x_btd, jnp.clip(image_positions_bmn - 1, 0))
+def previous_valid_positions(valid_bt):
+  """[B, T]: for each position, the last valid position before it (0 where there is none)."""
+  index_bt = jnp.where(valid_bt, jnp.arange(valid_bt.shape[1]), 0)
+  last_so_far_bt = jax.lax.cummax(index_bt, axis=1)
+  return jnp.pad(last_so_far_bt[:, :-1], ((0, 0), (1, 0)))
+
+
+def predictions_for_elements(x_btd, image_positions_bmn, valid_bt):
+  """[B, M, N, D]: each element's prediction, read at the last valid position before it.
+
+  In a contiguous sequence that is the position just before; where padding sits between a
+  prompt and what was generated after it (a right-padded prompt in the sampler), the first
+  element's prediction comes from its `<|vision_start|>`, not from the padding slot.
+  """
+  b, m, n = image_positions_bmn.shape
+  sources_bk = jnp.take_along_axis(previous_valid_positions(valid_bt),
+                                   image_positions_bmn.reshape(b, m * n), axis=1)
+  return elements_at(x_btd, sources_bk.reshape(b, m, n))
 
 
 class FlowStream(nn.Module):
@@ -275,8 +292,8 @@ class Pretzel(nn.Module):
     u_btd = place_elements(u_bmnd, image_positions_bmn, image_valid_bm, ids_bt.shape[1])
     s = self.streams(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b)
     mean_btd, log_s_btd = self.gaussians(s.g_btw)
-    mean_bmnd = predictions_for_elements(mean_btd, image_positions_bmn)
-    log_s_bmnd = predictions_for_elements(log_s_btd, image_positions_bmn)
+    mean_bmnd = predictions_for_elements(mean_btd, image_positions_bmn, valid_bt)
+    log_s_bmnd = predictions_for_elements(log_s_btd, image_positions_bmn, valid_bt)
     z_bmnd = affine.to_noise(u_bmnd, mean_bmnd, log_s_bmnd)
     terms = ImageTerms(z_bmnd, u_bmnd, log_det_shallow_bm, -jnp.sum(log_s_bmnd, axis=(2, 3)))
     logits = self.text_logits(s.h_vlm_btc, s.g_btw) if with_logits else None

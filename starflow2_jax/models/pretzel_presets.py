@@ -20,8 +20,8 @@ TRAINABLE = (r"flow/.*", r"shallow_\d+/.*", r"adapter/.*", r"w_v/.*", r"w_t/.*")
 def paper_config():
   """Qwen2.5-VL-7B text decoder, deep 24 layers × 3072 (head dim 64), 2 shallow blocks × 4
   layers at the same width, FAE latent D = 32, adapter hidden 3584, bf16 VLM."""
-  deep = transformer_lib.TransformerConfig(width=3072, num_layers=24, num_heads=48,
-                                           mrope_section=pretzel.mrope_section(64))
+  deep = pretzel.with_flow_positions(
+      transformer_lib.TransformerConfig(width=3072, num_layers=24, num_heads=48), "interleaved")
   shallow = transformer_lib.TransformerConfig(width=3072, num_layers=4, num_heads=48)
   flow = stack.FlowConfig(latent_dim=32, deep=deep, shallow=shallow, num_shallow_blocks=2)
   vlm = qwen_config.preset("7b").text

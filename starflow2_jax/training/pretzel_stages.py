@@ -80,7 +80,7 @@ def build_model(config, latent_dim):
   """The Pretzel of `config.model` for `config.stage`."""
   m = config.model
   deep = caption_to_image.transformer_config(m.deep, m.remat)
-  deep = dataclasses.replace(deep, mrope_section=pretzel.mrope_section(deep.head_dim))
+  deep = pretzel.with_flow_positions(deep, m.deep.rope_layout)
   flow = stack.FlowConfig(
       latent_dim=latent_dim, deep=deep,
       shallow=caption_to_image.transformer_config(m.shallow, m.remat),

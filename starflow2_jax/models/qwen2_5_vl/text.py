@@ -73,8 +73,9 @@ class TextDecoder(nn.Module):
   def __call__(self, embeds_btd, positions_3bt, valid_bt, cache=None):
     cfg = self.config
     x_btd = nn.with_logical_constraint(embeds_btd.astype(self.dtype), ("batch", "length", "embed"))
+    # Qwen2.5-VL's own (chunked) layout: its weights were trained with it.
     angles_bth = rotary.mrope_angles(positions_3bt, cfg.head_dim, cfg.rope_theta,
-                                     cfg.mrope_section)
+                                     cfg.mrope_section, layout="chunked")
     if cache is None:
       layer_caches, cache_length, cache_valid = (None,) * cfg.num_layers, None, None
     else:
