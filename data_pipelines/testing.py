@@ -19,15 +19,28 @@ def idx_bytes(array):
   return header + array.tobytes()
 
 
-def write_fake_fashion_mnist(source_dir, num_train=6, num_test=4, gzipped=True, seed=0):
-  """Writes the four Fashion-MNIST idx files with random 28x28 images; returns {split: labels}."""
+def class_template_images(labels, rng, noise=20):
+  """28x28 images whose class is a bright 7x7 block at cell `label` of a 4x4 grid of cells,
+  plus uniform noise: classes a tiny model can learn to draw and a judge can tell apart."""
+  images = rng.integers(0, noise + 1, size=(len(labels), 28, 28))
+  for image, label in zip(images, labels):
+    row, col = divmod(int(label), 4)
+    image[7 * row:7 * row + 7, 7 * col:7 * col + 7] += 255 - 2 * noise
+  return images.astype(np.uint8)
+
+
+def write_fake_fashion_mnist(source_dir, num_train=6, num_test=4, gzipped=True, seed=0,
+                             class_templates=False):
+  """Writes the four Fashion-MNIST idx files with 28x28 images — uniform noise, or
+  `class_template_images` — and labels cycling over the classes; returns {split: labels}."""
   rng = np.random.default_rng(seed)
   os.makedirs(source_dir, exist_ok=True)
   labels_by_split = {}
   for split, count in (("train", num_train), ("test", num_test)):
     prefix = fashion_mnist.SPLITS[split]
-    images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
     labels = np.arange(count, dtype=np.uint8) % len(fashion_mnist.CLASS_NAMES)
+    images = (class_template_images(labels, rng) if class_templates else
+              rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8))
     for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
       data = idx_bytes(array)
       name = f"{prefix}-{kind}-ubyte" + (".gz" if gzipped else "")

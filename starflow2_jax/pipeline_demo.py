@@ -11,7 +11,9 @@ stages that change them, on held-out test images:
                                                                      (after stages 2 and 3)
 
 Then an interleaved sample from the final model (`interleaved/index.html` and a PNG), and
-everything in `<workdir>/summary.json`.
+everything in `<workdir>/summary.json`, where `floors` puts each figure beside the floor the
+experiment promises (`experiments/fashion_mnist_stages.py:FLOORS`) and `floors_met` says
+whether all were reached; a missed floor is printed and logged as MISSED.
 """
 
 import json
@@ -34,6 +36,7 @@ from starflow2_jax.sampling import prompts
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import trainer
 
+GENERATION_SEED = 101
 INTERLEAVED_PROMPTS = (["a sneaker:"], ["a bag:"], ["a dress:", prompts.DRAW],
                        ["a photo of a trouser. and a photo of a sandal:"])
 
@@ -115,7 +118,7 @@ def render_png(results, path, scale=3):
   return image_io.save_png(stacked, path)
 
 
-def run(workdir, size="", overrides=None, judge_per_class=20, understanding_examples=500,
+def run(workdir, size="", overrides=None, judge_per_class=30, understanding_examples=500,
         bpd_examples=1000, judge_examples=20000):
   """Runs stages 0-3 (resuming finished ones from their checkpoints); returns the summary."""
   start = time.time()
@@ -144,7 +147,9 @@ def run(workdir, size="", overrides=None, judge_per_class=20, understanding_exam
       logging.info("stage %d: held-out bpd and generation accuracy", stage)
       summary[f"test_bpd_stage{stage}"] = held_out_bpd(task, params, config, data_dir,
                                                        bpd_examples)
-      accuracy, images = generation_accuracy(task, params, judge, judge_per_class, rng)
+      # The same draws after stages 1 and 3 (paired samples): their difference is the model's.
+      accuracy, images = generation_accuracy(task, params, judge, judge_per_class,
+                                             jax.random.key(GENERATION_SEED))
       summary[f"generation_accuracy_stage{stage}"] = accuracy
       grid = images.reshape((10, judge_per_class) + images.shape[1:])
       image_io.save_png(image_io.image_grid(grid), os.path.join(workdir, f"generated_stage{stage}.png"))
@@ -171,10 +176,46 @@ def run(workdir, size="", overrides=None, judge_per_class=20, understanding_exam
       interleaved_page=os.path.relpath(page, workdir),
       interleaved_png=os.path.relpath(picture, workdir),
       stage_summaries={k: r.summary for k, r in results.items()})
+  summary["floors"] = check_floors(summary, experiment.FLOORS[size])
+  summary["floors_met"] = all(c["met"] for c in summary["floors"])
+  for line in format_floors(summary["floors"]).splitlines():
+    (logging.info if summary["floors_met"] else logging.warning)(line)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def check_floors(summary, floors):
+  """Each floor (figure, "<=" | ">=", bound) beside the figure it judges; a bound is a number
+  or (another figure, offset). A missing figure misses its floor."""
+  checks = []
+  for figure, comparison, bound in floors:
+    if isinstance(bound, tuple):
+      other, offset = bound
+      limit = summary[other] + offset if other in summary else None
+      floor = f"{comparison} {other}" + (f" {offset:+g}" if offset else "")
+    else:
+      limit, floor = bound, f"{comparison} {bound:g}"
+    value = summary.get(figure)
+    met = value is not None and limit is not None and (
+        value >= limit if comparison == ">=" else value <= limit)
+    checks.append(dict(figure=figure, value=value, floor=floor, limit=limit, met=bool(met)))
+  return checks
+
+
+def format_floors(checks):
+  lines = []
+  for c in checks:
+    value = "missing" if c["value"] is None else f"{c['value']:.4g}"
+    limit = "" if c["limit"] is None else f" (= {c['limit']:.4g})"
+    lines.append(f"  {'met   ' if c['met'] else 'MISSED'}  {c['figure']} = {value}, "
+                 f"floor {c['floor']}{limit}")
+  missed = sum(not c["met"] for c in checks)
+  head = (f"floors: all {len(checks)} met" if not missed else
+          f"floors: {missed} of {len(checks)} MISSED — this run does not reach what the demo "
+          "promises")
+  return "\n".join([head] + lines)
 
 
 def format_summary(s):
@@ -192,4 +233,6 @@ def format_summary(s):
                                               s["stage_seconds"].items()),
       f"total seconds             {s['total_seconds']:.0f}",
   ]
+  if "floors" in s:
+    lines.append(format_floors(s["floors"]))
   return "\n".join(lines)

@@ -44,19 +44,38 @@ def test_understanding_answers_name_classes():
   assert all(pipeline_demo.named_class(stage_records.answer(k)) == k for k in range(10))
 
 
+def test_floors_judge_each_figure_and_say_which_are_missed():
+  summary = {"generation_accuracy_stage1": 0.74, "generation_accuracy_stage3": 0.72,
+             "understanding_accuracy_stage2": 0.76, "understanding_accuracy_stage3": 0.73,
+             "test_bpd_stage1": 5.2}
+  floors = (("test_bpd_stage1", "<=", 5.36), ("generation_accuracy_stage1", ">=", 0.7),
+            ("generation_accuracy_stage3", ">=", ("generation_accuracy_stage1", 0.0)),
+            ("understanding_accuracy_stage3", ">=", ("understanding_accuracy_stage2", -0.02)),
+            ("total_seconds", "<=", 1200))
+  checks = pipeline_demo.check_floors(summary, floors)
+  assert [c["met"] for c in checks] == [True, True, False, False, False]
+  assert checks[3]["limit"] == pytest.approx(0.74) and checks[4]["value"] is None
+  text = pipeline_demo.format_floors(checks)
+  assert "3 of 5 MISSED" in text and "MISSED  generation_accuracy_stage3 = 0.72" in text
+  assert set(experiment.FLOORS) == {"", "tiny"}
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_runs_every_stage_and_the_sample_command(tmp_path):
   idx = str(tmp_path / "idx")
-  testing.write_fake_fashion_mnist(idx, num_train=40, num_test=20)
+  testing.write_fake_fashion_mnist(idx, num_train=400, num_test=40, class_templates=True)
   workdir = str(tmp_path / "run")
   summary = pipeline_demo.run(workdir, size="tiny", overrides={"data.source_dir": idx},
-                              judge_per_class=1, understanding_examples=10, bpd_examples=8)
+                              judge_per_class=5, understanding_examples=10, bpd_examples=8)
   with open(os.path.join(workdir, "summary.json")) as f:
     written = json.load(f)
   for key in ("test_bpd_stage1", "test_bpd_stage3", "generation_accuracy_stage1",
               "generation_accuracy_stage3", "understanding_accuracy_stage2",
               "understanding_accuracy_stage3", "classifier_test_accuracy"):
     assert np.isfinite(written[key]) and written[key] == summary[key], key
+  # The outcome, not only consistency: the tiny preset's floors (generation after stage 1
+  # well above the 10% of chance on the fake classes) are reached and recorded.
+  assert written["floors"] and written["floors_met"], written["floors"]
   assert os.path.exists(os.path.join(workdir, "interleaved", "index.html"))
   assert os.path.exists(os.path.join(workdir, "interleaved.png"))
 

@@ -124,6 +124,29 @@ def test_frozen_vlm_gets_no_gradient_and_adapter_does(model_and_params):
     assert any(np.any(g) for g in jax.tree.leaves(grads[name])), name
 
 
+def test_isolate_flow_keeps_values_and_keeps_text_gradients_out_of_the_flow(model_and_params):
+  """`isolate_flow` changes no value; the text loss then trains the adapter and W_t but gives
+  the flow (deep stream and shallow blocks) exactly zero gradient — and without it, not."""
+  model, params = model_and_params
+  s = sequence()
+  plain = jitted(model)(params, *full_args(s))
+  isolated = jitted(model, isolate_flow=True)(params, *full_args(s))
+  np.testing.assert_array_equal(isolated.logits_btv, plain.logits_btv)
+  np.testing.assert_array_equal(isolated.images.z_bmnd, plain.images.z_bmnd)
+
+  def text_grads(isolate_flow):
+    loss = lambda p: jnp.mean(model.apply({"params": p}, *full_args(s),
+                                          isolate_flow=isolate_flow).logits_btv ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  isolated_grads, joint_grads = text_grads(True), text_grads(False)
+  for name in ("flow", "shallow_0", "shallow_1"):
+    assert all(not np.any(g) for g in jax.tree.leaves(isolated_grads[name])), name
+    assert any(np.any(g) for g in jax.tree.leaves(joint_grads[name])), name
+  for name in ("adapter", "w_t"):
+    assert any(np.any(g) for g in jax.tree.leaves(isolated_grads[name])), name
+
+
 def _deep_terms_step_by_step(model, params, s, row, image):
   """log N(z) and −Σ log s of one image from the shallow blocks alone, then KV-cached
   single-position steps over its context (not the parallel pass under test)."""

@@ -32,8 +32,8 @@ def tiny_config(stage, **init):
       shallow=dict(width=16, num_layers=1, num_heads=2, mlp_ratio=2.0),
       num_shallow_blocks=2, scale="softplus", noise_conditioning=True, dtype="float32",
       remat=False)
-  c.init = dict(dict(from_workdir="", vlm_checkpoint=""), **init)
-  c.loss = dict(ntp_weight=0.5)
+  c.init = dict(dict(from_workdir="", vlm_checkpoint="", reinitialise=[]), **init)
+  c.loss = dict(ntp_weight=0.5, text_shapes_flow=True)
   c.noise = dict(t_min=0.02, t_max=0.3, loss_weighting="t")
   c.train = dict(steps=2, caption_dropout=0.5)
   c.optimizer = dict(learning_rate=1e-2, warmup_steps=0, min_learning_rate=1e-6, b1=0.9,
@@ -155,3 +155,32 @@ def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
   out2 = jax.jit(stage2.apply)(state2.params, batch, x, t)
   out3 = jax.jit(stage3.apply)(warm, batch, x, t)
   assert tree_bits(out3) == tree_bits(out2)
+
+
+def test_warm_start_with_other_shapes_fails_unless_reinitialised(tmp_path):
+  """A stage whose flow is wider than the checkpoint's must not silently keep fresh weights:
+  the error names every mismatched path with both shapes; listed paths start fresh."""
+  stage2 = pretzel_stages.PretzelTask(tiny_config(2))
+  state2, _, _ = _state(stage2, stage2.config, rng=1)
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  checkpointer.save(5, state2)
+  checkpointer.wait()
+  checkpointer.close()
+
+  def wider_stage3(**init):
+    config = tiny_config(3, from_workdir=str(tmp_path), **init)
+    config.model.deep.width = 32
+    task = pretzel_stages.PretzelTask(config)
+    return task, _state(task, config, rng=2)[0].params
+
+  task, fresh = wider_stage3()
+  with pytest.raises(ValueError) as error:
+    task.warm_start(fresh)
+  message = str(error.value)
+  assert "flow/p_u/kernel: checkpoint (4, 16), model (4, 32)" in message
+  assert "flow/backbone/layer_0/mlp" in message and "adapter" not in message
+
+  task, fresh = wider_stage3(reinitialise=[r"flow/.*"])
+  warm = task.warm_start(fresh)
+  assert tree_bits(warm["flow"]) == tree_bits(fresh["flow"])          # kept fresh
+  assert tree_bits(warm["adapter"]) == tree_bits(state2.params["adapter"])

@@ -230,3 +230,12 @@ def test_denoiser_log_prob_reads_each_rows_vision_start(model_and_params, w):
                        depth=cfg.vlm.num_layers + cfg.flow.deep.num_layers + 1
                        + cfg.flow.num_shallow_blocks * (cfg.flow.shallow.num_layers + 1),
                        reduction=max(cfg.vlm.intermediate_size, N * D))
+
+
+def test_a_prompt_ending_in_a_stop_token_still_generates(model_and_params):
+  """Stop tokens end generation, not prompts: "a photo of a trouser." with "." as a stop word
+  must still be continued (the check applies to generated tokens only)."""
+  model, params = model_and_params
+  prompt, x = prompt_batch([[("text", [3, 5, STOP])], [("text", [9, STOP])]])
+  seq = compiled(model, spec(max_new=4))(params, prompt, x, jax.random.key(0))
+  assert np.all(np.asarray(seq.generated).sum(axis=1) >= 1)

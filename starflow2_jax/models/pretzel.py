@@ -248,10 +248,13 @@ class Pretzel(nn.Module):
     e_vlm_btc = jnp.where(is_visual_bt[..., None], visual_btc, token_btc)
     return self.vlm(e_vlm_btc, positions_3bt, valid_bt, cache)
 
-  def streams(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None):
-    """Both streams over a chunk of the sequence; with a cache, the chunk is appended."""
-    h_vlm_btc, vlm_cache = self.vlm_stream(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt,
-                                           t_b, None if cache is None else cache.vlm)
+  def streams(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None,
+              isolate_flow=False):
+    """Both streams over a chunk of the sequence; with a cache, the chunk is appended.
+    `isolate_flow`: the VLM reads u behind `stop_gradient` (see `__call__`)."""
+    vlm_u_btd = jax.lax.stop_gradient(u_btd) if isolate_flow else u_btd
+    h_vlm_btc, vlm_cache = self.vlm_stream(ids_bt, vlm_u_btd, is_visual_bt, positions_3bt,
+                                           valid_bt, t_b, None if cache is None else cache.vlm)
     skip_btw = self.w_v(h_vlm_btc) if self.config.skips else None
     e_flow_btw = self.flow.inputs(h_vlm_btc, u_btd, is_visual_bt, t_b, skip_btw)
     g_btw, flow_cache = self.flow(e_flow_btw, positions_3bt, valid_bt,
@@ -286,17 +289,26 @@ class Pretzel(nn.Module):
     return self.vlm.logits(h_vlm_btc)
 
   def __call__(self, ids_bt, x_bmnd, image_positions_bmn, image_valid_bm, is_visual_bt,
-               positions_3bt, valid_bt, t_b, with_logits=True):
-    """One parallel pass over whole sequences: text logits and every image's flow terms."""
+               positions_3bt, valid_bt, t_b, with_logits=True, isolate_flow=False):
+    """One parallel pass over whole sequences: text logits and every image's flow terms.
+
+    `isolate_flow` (a training choice; values are unchanged): the VLM stream reads u, and
+    the text logits read g, behind `stop_gradient`, so no loss reaches the flow's parameters
+    through the VLM stream — the flow is shaped by its own likelihood alone, while the
+    adapter and W_t still learn to read it. Likelihoods and their gradients with respect to
+    x (the denoiser's score) must not use it.
+    """
     u_bmnd, log_det_shallow_bm = self.encode_images(x_bmnd, t_b)
     u_btd = place_elements(u_bmnd, image_positions_bmn, image_valid_bm, ids_bt.shape[1])
-    s = self.streams(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b)
+    s = self.streams(ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b,
+                     isolate_flow=isolate_flow)
     mean_btd, log_s_btd = self.gaussians(s.g_btw)
     mean_bmnd = predictions_for_elements(mean_btd, image_positions_bmn, valid_bt)
     log_s_bmnd = predictions_for_elements(log_s_btd, image_positions_bmn, valid_bt)
     z_bmnd = affine.to_noise(u_bmnd, mean_bmnd, log_s_bmnd)
     terms = ImageTerms(z_bmnd, u_bmnd, log_det_shallow_bm, -jnp.sum(log_s_bmnd, axis=(2, 3)))
-    logits = self.text_logits(s.h_vlm_btc, s.g_btw) if with_logits else None
+    g_for_text_btw = jax.lax.stop_gradient(s.g_btw) if isolate_flow else s.g_btw
+    logits = self.text_logits(s.h_vlm_btc, g_for_text_btw) if with_logits else None
     return PretzelOutput(logits, terms)
 
 

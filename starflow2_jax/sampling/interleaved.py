@@ -92,13 +92,14 @@ class _Cursor:
   done: jnp.ndarray            # [B] a stop token was emitted
 
 
-def _after_text_token(spec, cursor, token_b):
-  """Advances the cursor past a text token that was just placed at `next_position`."""
+def _after_text_token(spec, cursor, token_b, generated=True):
+  """Advances the cursor past a text token that was just placed at `next_position`; a
+  generated stop token ends its row (a prompt's own last token never does)."""
   starts_image = token_b == spec.vision_start_id
   origin = jnp.where(starts_image, cursor.next_position + 1, cursor.origin)
   # The span's elements sit at origin + (0, row, col); the text after it at origin + max(gh, gw).
   next_position = jnp.where(starts_image, origin + max(spec.grid), cursor.next_position + 1)
-  stops = jnp.isin(token_b, jnp.asarray(spec.stop_ids, jnp.int32))
+  stops = jnp.isin(token_b, jnp.asarray(spec.stop_ids, jnp.int32)) & generated
   return cursor.replace(next_position=next_position, origin=origin,
                         visual_left=jnp.where(starts_image, spec.num_elements, 0),
                         end_pending=jnp.zeros_like(cursor.end_pending),
@@ -175,7 +176,7 @@ def generate(model, params, prompt, x_bmnd, rng, spec):
   zeros_b = jnp.zeros((batch,), jnp.int32)
   cursor = _after_text_token(spec, _Cursor(last_position, zeros_b, zeros_b,
                                            jnp.zeros((batch,), bool), jnp.zeros((batch,), bool)),
-                             last_token)
+                             last_token, generated=False)
 
   out = dict(ids=jnp.full((batch, spec.max_new), spec.pad_id, jnp.int32),
              valid=jnp.zeros((batch, spec.max_new), bool),

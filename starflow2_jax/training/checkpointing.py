@@ -5,6 +5,7 @@ steps, and restores into any mesh: the target is the abstract state with its sha
 """
 
 import os
+import re
 
 import grain
 import jax
@@ -51,11 +52,13 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params_subset(directory, params, step=None):
-  """Warm start: `params` with every leaf that a trainer checkpoint also holds (same path,
-  same shape) read from it, the rest kept (e.g. the skips a new stage adds).
+def restore_params_subset(directory, params, step=None, reinitialise=()):
+  """Warm start: `params` with every leaf that a trainer checkpoint also holds read from it,
+  the rest kept (e.g. the skips a new stage adds).
 
-  Reads only those leaves, straight into the shardings of `params`. Returns
+  A leaf the checkpoint holds with another shape is an error naming every such path and both
+  shapes, unless its path matches one of the `reinitialise` regexes (then it keeps its fresh
+  init). Reads only the restored leaves, straight into the shardings of `params`. Returns
   (params, names restored); raises if the checkpoint shares no leaf with `params`.
   """
   manager = ocp.CheckpointManager(os.path.abspath(directory))
@@ -68,8 +71,16 @@ def restore_params_subset(directory, params, step=None):
   saved = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree["params"],
                                      sep="/")
   wanted = traverse_util.flatten_dict(params, sep="/")
-  shared = {k: v for k, v in wanted.items()
-            if k in saved and tuple(saved[k].shape) == tuple(v.shape)}
+  differ = [k for k, v in wanted.items()
+            if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+  unexpected = [k for k in differ if not any(re.fullmatch(p, k) for p in reinitialise)]
+  if unexpected:
+    lines = "\n".join(f"  {k}: checkpoint {tuple(saved[k].shape)}, model "
+                      f"{tuple(wanted[k].shape)}" for k in unexpected)
+    raise ValueError(f"the checkpoint at {path} holds {len(unexpected)} parameter(s) with "
+                     f"other shapes than the model's:\n{lines}\nlist them in "
+                     "config.init.reinitialise (regexes) to start them fresh instead")
+  shared = {k: v for k, v in wanted.items() if k in saved and k not in differ}
   if not shared:
     raise ValueError(f"the checkpoint at {path} shares no parameter with the model")
   target = {"params": traverse_util.unflatten_dict(shared, sep="/")}

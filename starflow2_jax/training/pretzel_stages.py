@@ -180,11 +180,13 @@ class PretzelTask:
 
   def warm_start(self, params):
     """Params of the previous stage (`init.from_workdir`) and of the converted VLM
-    (`init.vlm_checkpoint`) in place of fresh ones; anything else keeps its init."""
+    (`init.vlm_checkpoint`) in place of fresh ones; anything else keeps its init. A shape
+    mismatch is an error unless `init.reinitialise` (regexes) names the parameter."""
     init = self.config.init
     if init.from_workdir:
       params, _ = checkpointing.restore_params_subset(
-          os.path.join(init.from_workdir, "checkpoints"), params)
+          os.path.join(init.from_workdir, "checkpoints"), params,
+          reinitialise=tuple(init.reinitialise))
     if init.vlm_checkpoint:
       from starflow2_jax.convert import qwen
       qwen_params = qwen.load_converted(init.vlm_checkpoint,
@@ -222,7 +224,8 @@ class PretzelTask:
       ntp, accuracy = batch_text_loss(logits, batch)
       loss = cfg.loss.ntp_weight * ntp
       return loss, {"loss": loss, "ntp": ntp, "token_accuracy": accuracy}
-    out = self.apply(params, batch, x, t, valid, with_logits=stage.ntp_loss)
+    out = self.apply(params, batch, x, t, valid, with_logits=stage.ntp_loss,
+                     isolate_flow=not cfg.loss.text_shapes_flow)
     loss, metrics = 0.0, {}
     if stage.flow_loss:
       nll_bm = out.images.nll_per_dim()
