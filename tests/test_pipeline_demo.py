@@ -66,15 +66,16 @@ def test_tiny_pipeline_runs_every_stage_and_the_sample_command(tmp_path):
   testing.write_fake_fashion_mnist(idx, num_train=400, num_test=40, class_templates=True)
   workdir = str(tmp_path / "run")
   summary = pipeline_demo.run(workdir, size="tiny", overrides={"data.source_dir": idx},
-                              judge_per_class=5, understanding_examples=10, bpd_examples=8)
+                              judge_per_class=20, understanding_examples=10, bpd_examples=8)
   with open(os.path.join(workdir, "summary.json")) as f:
     written = json.load(f)
   for key in ("test_bpd_stage1", "test_bpd_stage3", "generation_accuracy_stage1",
               "generation_accuracy_stage3", "understanding_accuracy_stage2",
               "understanding_accuracy_stage3", "classifier_test_accuracy"):
     assert np.isfinite(written[key]) and written[key] == summary[key], key
-  # The outcome, not only consistency: the tiny preset's floors (generation after stage 1
-  # well above the 10% of chance on the fake classes) are reached and recorded.
+  # The outcome, not only consistency: the tiny preset's floor (generation after stage 1
+  # ≥ 25% of 200 guided samples on the fake classes, where chance is 10% and a run measured
+  # 40%) is reached and recorded.
   assert written["floors"] and written["floors_met"], written["floors"]
   assert os.path.exists(os.path.join(workdir, "interleaved", "index.html"))
   assert os.path.exists(os.path.join(workdir, "interleaved.png"))
