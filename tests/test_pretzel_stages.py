@@ -135,13 +135,19 @@ def test_stage_steps_change_only_the_trainable_set(stage):
   assert state_size == 2 * trainable_size
 
 
-def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
+def _saved_stage2(workdir):
+  """A stage-2 task and state, its checkpoint written under `workdir` (for warm starts)."""
   stage2 = pretzel_stages.PretzelTask(tiny_config(2))
   state2, _, _ = _state(stage2, stage2.config, rng=1)
-  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", async_save=False)
   checkpointer.save(5, state2)
   checkpointer.wait()
   checkpointer.close()
+  return stage2, state2
+
+
+def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
+  stage2, state2 = _saved_stage2(tmp_path)
   stage3 = pretzel_stages.PretzelTask(tiny_config(3, from_workdir=str(tmp_path)))
   fresh3, _, _ = _state(stage3, stage3.config, rng=2)
   warm = stage3.warm_start(fresh3.params)
@@ -160,12 +166,7 @@ def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
 def test_warm_start_with_other_shapes_fails_unless_reinitialised(tmp_path):
   """A stage whose flow is wider than the checkpoint's must not silently keep fresh weights:
   the error names every mismatched path with both shapes; listed paths start fresh."""
-  stage2 = pretzel_stages.PretzelTask(tiny_config(2))
-  state2, _, _ = _state(stage2, stage2.config, rng=1)
-  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
-  checkpointer.save(5, state2)
-  checkpointer.wait()
-  checkpointer.close()
+  _, state2 = _saved_stage2(tmp_path)
 
   def wider_stage3(**init):
     config = tiny_config(3, from_workdir=str(tmp_path), **init)
