@@ -16,6 +16,7 @@ LATENT_DIM = 3
 NUM_ELEMENTS = 5
 CONTEXT_DIM = 6
 CONTEXT_LEN = 4
+BATCH = 2
 
 
 def transformer_config(width=16, num_layers=2, num_heads=2, mlp_ratio=2.0):
@@ -39,6 +40,37 @@ def shallow_block(reverse=False, scale="softplus", latent_dim=LATENT_DIM):
 def deep_block(scale="softplus", latent_dim=LATENT_DIM, context_dim=CONTEXT_DIM):
   return block_lib.AffineFlowBlock(latent_dim, transformer_config(num_layers=2), scale,
                                    context_dim=context_dim)
+
+
+# The flow blocks the flow tests exercise: kind -> (module factory, takes a context).
+BLOCK_KINDS = {
+    "shallow": (lambda: shallow_block(reverse=False), False),
+    "shallow_reverse": (lambda: shallow_block(reverse=True), False),
+    "shallow_exp": (lambda: shallow_block(reverse=True, scale="exp"), False),
+    "deep": (lambda: deep_block(), True),
+}
+
+
+def block_and_inputs(kind, batch=BATCH, seed=0):
+  """A `BLOCK_KINDS[kind]` block with random (non-identity) parameters, and inputs for it:
+  (block, params, x, t, context, valid); context and valid are None without a context."""
+  factory, conditioned = BLOCK_KINDS[kind]
+  block = factory()
+  x, t = latents(batch, seed), noise_levels(batch)
+  context, valid = context_inputs(batch) if conditioned else (None, None)
+  params = random_params(block, x, t, context, valid, seed=seed + 11)
+  return block, params, x, t, context, valid
+
+
+def block_depth(block):
+  """The tolerance policy's depth of one flow block: its Transformer layers and its head."""
+  return block.transformer.num_layers + 1
+
+
+def block_reduction(block):
+  """The tolerance policy's reduction of one flow block: its longest sum (the MLP's)."""
+  config = block.transformer
+  return max(config.width, int(config.mlp_ratio * config.width))
 
 
 def unboxed(params):
@@ -97,6 +129,11 @@ def context_inputs(batch, seed=1, length=CONTEXT_LEN, dim=CONTEXT_DIM):
 
 def normal(shape, seed):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+def latents(batch=BATCH, seed=0):
+  """Random flow inputs x [batch, NUM_ELEMENTS, LATENT_DIM]."""
+  return normal((batch, NUM_ELEMENTS, LATENT_DIM), seed)
 
 
 def noise_levels(batch, seed=2, low=0.05, high=0.5):

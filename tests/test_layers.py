@@ -11,10 +11,17 @@ from starflow2_jax.layers import transformer as transformer_lib
 
 try:
   from tests import helpers
+  from tests.tolerance import assert_float32_close
 except ImportError:  # tests/ is on sys.path (pytest's rootdir-less "prepend" import mode)
   import helpers
+  from tolerance import assert_float32_close
 
 BATCH, LENGTH, PREFIX = 2, 7, 3
+
+
+def _tolerance(config):
+  """The policy's depth and reduction (tests/tolerance.py) for the Transformer's outputs."""
+  return dict(depth=config.num_layers, reduction=int(config.mlp_ratio * config.width))
 
 
 @pytest.fixture(scope="module", name="model")
@@ -88,7 +95,11 @@ def test_padding_keys_do_not_influence_other_positions(model, use_cache):
   # The padded positions themselves did change (they always see themselves): the inputs
   # really differ, so the check above is not vacuous.
   assert helpers.max_abs_diff(y_junk[~mask], y[~mask]) > 1e-2
-  assert np.all(np.isfinite(np.asarray(y_junk)))
+  # ... and each one is what it sees: its own token after the real tokens before it.
+  for b, i in zip(*np.nonzero(~mask)):
+    seen = [j for j in range(i) if mask[b, j]] + [i]
+    alone = full(x_junk[b:b + 1, seen], positions[b:b + 1, seen], jnp.ones((1, len(seen)), bool))
+    assert_float32_close(y_junk[b, i], alone[0, -1], **_tolerance(config))
 
 
 def test_padding_equals_dropping_the_padded_tokens(model):
@@ -114,11 +125,19 @@ def test_mask_always_keeps_the_diagonal_and_hides_padding():
   np.testing.assert_array_equal(mask, expected)
 
 
-def test_fully_padded_row_gives_finite_outputs(model):
+def test_fully_padded_row_attends_only_to_itself(model):
+  """In a row with no valid slot every position sees only itself (no softmax over an empty
+  set, no NaN): its output is that of its token alone, a sequence of length 1."""
   config, full, _ = model
   x, positions, _ = _inputs(config.width)
   y = full(x, positions, jnp.zeros((BATCH, LENGTH), bool))
   assert np.all(np.isfinite(np.asarray(y)))
+  alone = full(x.reshape(BATCH * LENGTH, 1, config.width), positions.reshape(-1, 1),
+               jnp.ones((BATCH * LENGTH, 1), bool))
+  assert_float32_close(y, alone.reshape(y.shape), **_tolerance(config))
+  # Not vacuous: with the row valid, positions see each other and the outputs move.
+  y_valid = full(x, positions, jnp.ones((BATCH, LENGTH), bool))
+  assert helpers.max_abs_diff(y_valid[:, 1:], y[:, 1:]) > 1e-2
 
 
 def _rotate(vec_h, position, head_dim, theta=10_000.0):
