@@ -2,8 +2,11 @@
 
 Saving is asynchronous (training goes on while the state is written), keeps the last N
 steps, and restores into any mesh: the target is the abstract state with its shardings.
+Restoring the latest step falls back to earlier ones when it cannot be read (e.g. a file
+truncated by a crash or a full disk).
 """
 
+import logging
 import os
 import re
 
@@ -22,11 +25,14 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.LatestN(keep))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unreadable = {}     # step -> error, for the steps `restore` had to pass over
 
   def latest_step(self):
-    return self._manager.latest_step()
+    """The newest step on disk, less those `restore` found unreadable."""
+    return max(set(self._manager.all_steps()) - set(self._unreadable), default=None)
 
   def save(self, step, state, data_iterator=None, force=False):
+    self._discard_unreadable()
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -34,15 +40,47 @@ class Checkpointer:
 
   def restore(self, abstract_state, data_iterator=None, step=None):
     """Restores the state (into the shardings of `abstract_state`) and, in place, the
-    iterator's position. Returns the state."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    iterator's position. Returns the state.
+
+    Without `step`, the newest step that can be read: one that fails is logged (a warning
+    naming the step and the error) and the step before it tried, since resuming a little
+    earlier beats not resuming; raises if none can be read. A given `step` is read or raises.
+    """
+    if step is not None:
+      return self._restore_step(step, abstract_state, data_iterator)
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    errors = {}
+    for step in steps:
+      try:
+        state = self._restore_step(step, abstract_state, data_iterator)
+      except Exception as e:    # orbax and tensorstore raise bare Exceptions and ValueErrors
+        errors[step] = e
+        logging.warning("checkpoint step %d in %s cannot be read (%s); trying an earlier step",
+                        step, self.directory, describe_error(e))
+        continue
+      self._unreadable.update(errors)
+      return state
+    lines = "\n".join(f"  step {s}: {describe_error(e)}" for s, e in errors.items())
+    raise CheckpointUnreadableError(
+        f"no checkpoint step in {self.directory} can be read:\n{lines}") from errors[steps[0]]
+
+  def _restore_step(self, step, abstract_state, data_iterator):
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def _discard_unreadable(self):
+    """Deletes the steps `restore` could not read before the first save after it: they are
+    newer than the restored step, so orbax would skip saves below them, count them among
+    the kept checkpoints, and refuse a save at the same step."""
+    for step, error in sorted(self._unreadable.items()):
+      logging.warning("deleting unreadable checkpoint step %d in %s (%s)", step, self.directory,
+                      describe_error(error))
+      self._manager.delete(step)
+    self._unreadable.clear()
 
   def wait(self):
     """Blocks until asynchronous saves are on disk."""
@@ -50,6 +88,21 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+class CheckpointUnreadableError(RuntimeError):
+  """No step of a checkpoint directory could be restored."""
+
+
+def describe_error(error):
+  """One line per exception in the chain (tensorstore's outer messages dump whole specs,
+  the cause says what is wrong: e.g. a byte range past the end of a truncated file)."""
+  parts = []
+  while error is not None and len(parts) < 4:
+    lines = str(error).strip().splitlines() or [""]
+    parts.append(f"{type(error).__name__}: {lines[0][:200]}")
+    error = error.__cause__ or error.__context__
+  return " <- ".join(parts)
 
 
 def restore_params_subset(directory, params, step=None, reinitialise=()):
