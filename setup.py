@@ -19,8 +19,17 @@ setuptools.setup(
     long_description=(_HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["starflow2_jax*", "data_pipelines*", "experiments*"]),
+    packages=setuptools.find_packages(
+        include=["starflow2_jax*", "data_pipelines*", "experiments*", "demos*"]),
     install_requires=_requirements("requirements.txt"),
     extras_require={"test": _requirements("requirements-test.txt")},
-    entry_points={"console_scripts": ["starflow2=starflow2_jax.cli:main"]},
+    entry_points={
+        "console_scripts": ["starflow2=starflow2_jax.cli:main"],
+        # The demos plug into the library's extension points; the library never imports them.
+        "starflow2.commands": ["demo=demos.staged_demo:COMMAND",
+                               "caption-demo=demos.caption_demo:COMMAND"],
+        "starflow2.record_sources": [
+            "fashion_mnist=demos.fashion_mnist:record_source",
+            "fashion_mnist_stages=demos.fashion_mnist_stages:record_source"],
+    },
 )

@@ -20,10 +20,11 @@ from absl import flags
 import jax
 import numpy as np
 
-from data_pipelines import fashion_mnist
+from demos import caption_demo
+from demos import classifier
+from demos import fashion_mnist
+from demos import staged_demo
 from experiments import fashion_mnist as baseline_experiment
-from starflow2_jax import pipeline_demo
-from starflow2_jax.evaluation import classifier
 from starflow2_jax.training import trainer
 
 _STEPS = flags.DEFINE_integer("steps", 800, "training steps of each model (batch 32)")
@@ -41,14 +42,14 @@ def judge_and_labels(source_dir, per_class):
 
 
 def run_baseline(workdir, steps, judge, labels, per_class):
-  config = baseline_experiment.get_config()
+  config = caption_demo.prepare_records(baseline_experiment.get_config(), workdir)
   config.train.update(steps=steps, time_limit_minutes=0.0, eval_every=0)
   start = time.time()
   result = trainer.train(config, workdir)
   seconds = time.time() - start
   captions = [c for c in config.sample.captions for _ in range(per_class)]
   images = result.task.sample_captions(result.state.params, captions,
-                                       jax.random.key(pipeline_demo.GENERATION_SEED),
+                                       jax.random.key(staged_demo.GENERATION_SEED),
                                        config.sample.guidance_weight)
   return dict(steps=result.summary["step"], test_bpd=result.summary["test_bpd"],
               generation_accuracy=judge.accuracy(images, labels), train_seconds=seconds)
@@ -57,15 +58,16 @@ def run_baseline(workdir, steps, judge, labels, per_class):
 def run_starflow2(workdir, steps, judge, per_class):
   data_dir = os.path.join(workdir, "data")
   stage0_dir = os.path.join(workdir, "stage0")
-  trainer.train(pipeline_demo.stage_config(0, "", data_dir, None), stage0_dir)
-  config = pipeline_demo.stage_config(1, "", data_dir, stage0_dir, {"train.steps": steps})
+  staged_demo.prepare_records(staged_demo.stage_config(0, "", data_dir, None))
+  trainer.train(staged_demo.stage_config(0, "", data_dir, None), stage0_dir)
+  config = staged_demo.stage_config(1, "", data_dir, stage0_dir, {"train.steps": steps})
   start = time.time()
   result = trainer.train(config, os.path.join(workdir, "stage1"))
   seconds = time.time() - start
   params, task = result.state.params, result.task
-  accuracy, _ = pipeline_demo.generation_accuracy(task, params, judge, per_class,
-                                                  jax.random.key(pipeline_demo.GENERATION_SEED))
-  bpd = pipeline_demo.held_out_bpd(task, params, config, data_dir, 2000)
+  accuracy, _ = staged_demo.generation_accuracy(task, params, judge, per_class,
+                                                  jax.random.key(staged_demo.GENERATION_SEED))
+  bpd = staged_demo.held_out_bpd(task, params, config, data_dir, 2000)
   return dict(steps=result.summary["step"], test_bpd=float(bpd),
               generation_accuracy=accuracy, train_seconds=seconds)
 

@@ -1,4 +1,11 @@
-"""Interleaved records -> fixed-shape sequence arrays for the Pretzel model (SPEC §1).
+"""Record -> example transforms: what the Grain pipeline maps each decoded record to.
+
+`CaptionImageExample`: one caption and one image -> fixed-shape arrays (the caption-to-image
+baseline). `InterleavedExample`: any interleaved record -> fixed-shape sequence arrays for
+the Pretzel model (SPEC §1); `SequenceBuilder` lays out prompts for the sampler the same way.
+Both raise `pipeline.RecordMismatchError` for a record that does not fit (it is skipped).
+
+Interleaved layout:
 
 Every image becomes the span `<|vision_start|> v_1 … v_N <|vision_end|>`, its N visual
 positions laid out on the latent grid (gh, gw) with Qwen2.5-VL's 3-D M-RoPE positions, as
@@ -27,9 +34,10 @@ from typing import Callable
 
 import numpy as np
 
+from data_pipelines import mrope_positions
 from data_pipelines import pipeline
 from data_pipelines import records
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
+from data_pipelines import text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +100,7 @@ class SequenceBuilder:
     pad = lambda values, fill, dtype: np.asarray(
         list(values) + [fill] * (t - length), dtype)
     positions = np.zeros((3, t), np.int32)
-    positions[:, :length], _ = positions_lib.span_positions(self.spans)
+    positions[:, :length], _ = mrope_positions.span_positions(self.spans)
     m, n = lay.max_images, lay.num_elements
     images = np.zeros((m,) + tuple(lay.image_shape), np.uint8)
     image_positions = np.zeros((m, n), np.int32)
@@ -144,3 +152,34 @@ class InterleavedExample:
       raise pipeline.RecordMismatchError(
           f"{len(builder.ids)} positions, more than max_length={lay.max_length}")
     return builder.arrays()
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionImageExample:
+  """Maps a one-caption, one-image record to fixed-shape arrays for text-image training.
+
+  Output: {"image": uint8[H, W, C], "caption_ids": int32[L], "caption_mask": bool[L],
+  "label": int32 (meta "label", or -1)}. Raises pipeline.RecordMismatchError on anything else.
+  """
+
+  image_shape: tuple
+  max_caption_len: int
+  tokenizer: object = dataclasses.field(default_factory=text.ByteTokenizer)  # text.*Tokenizer
+
+  def __call__(self, record):
+    texts = [s for s in record.segments if isinstance(s, records.TextSegment)]
+    images = [s for s in record.segments if isinstance(s, records.ImageSegment)]
+    if len(texts) != 1 or len(images) != 1:
+      raise pipeline.RecordMismatchError(
+          f"expected one text and one image segment, got {len(texts)} text and "
+          f"{len(images)} image")
+    image = images[0].to_array()
+    if image.shape != tuple(self.image_shape):
+      raise pipeline.RecordMismatchError(
+          f"image shape {image.shape}, expected {tuple(self.image_shape)} (HxWxC)")
+    label = record.meta.get("label", -1)
+    if not isinstance(label, int):
+      raise pipeline.RecordMismatchError(f"meta 'label' is {label!r}, not an int")
+    ids, mask = self.tokenizer.encode(texts[0].text, self.max_caption_len)
+    return {"image": image, "caption_ids": ids, "caption_mask": mask,
+            "label": np.int32(label)}

@@ -22,7 +22,6 @@ import numpy as np
 from array_record.python import array_record_module
 
 from data_pipelines import records
-from data_pipelines import text
 
 
 class RecordMismatchError(ValueError):
@@ -55,37 +54,6 @@ class SkipCounter:
     """{record location: reason}, a copy."""
     with self._lock:
       return dict(self._reasons)
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptionImageExample:
-  """Maps a one-caption, one-image record to fixed-shape arrays for text-image training.
-
-  Output: {"image": uint8[H, W, C], "caption_ids": int32[L], "caption_mask": bool[L],
-  "label": int32 (meta "label", or -1)}. Raises RecordMismatchError on anything else.
-  """
-
-  image_shape: tuple
-  max_caption_len: int
-  tokenizer: object = dataclasses.field(default_factory=text.ByteTokenizer)  # text.*Tokenizer
-
-  def __call__(self, record):
-    texts = [s for s in record.segments if isinstance(s, records.TextSegment)]
-    images = [s for s in record.segments if isinstance(s, records.ImageSegment)]
-    if len(texts) != 1 or len(images) != 1:
-      raise RecordMismatchError(
-          f"expected one text and one image segment, got {len(texts)} text and "
-          f"{len(images)} image")
-    image = images[0].to_array()
-    if image.shape != tuple(self.image_shape):
-      raise RecordMismatchError(
-          f"image shape {image.shape}, expected {tuple(self.image_shape)} (HxWxC)")
-    label = record.meta.get("label", -1)
-    if not isinstance(label, int):
-      raise RecordMismatchError(f"meta 'label' is {label!r}, not an int")
-    ids, mask = self.tokenizer.encode(texts[0].text, self.max_caption_len)
-    return {"image": image, "caption_ids": ids, "caption_mask": mask,
-            "label": np.int32(label)}
 
 
 def _num_records(path):

@@ -134,3 +134,9 @@ def write_fashion_mnist(source_dir=DEFAULT_SOURCE_DIR, out_dir="data/fashion_mni
     writers.save_summary(summary, out_dir, split)
     summaries[split] = summary
   return summaries
+
+
+def record_source(out_dir, options):
+  """The `fashion_mnist` record source (`starflow2 prepare-data --source fashion_mnist`):
+  caption + image records of both splits from the idx files in `options.source_dir`."""
+  return write_fashion_mnist(options.source_dir or DEFAULT_SOURCE_DIR, out_dir)

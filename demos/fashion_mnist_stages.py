@@ -18,10 +18,10 @@ import os
 import numpy as np
 import tqdm
 
-from data_pipelines import fashion_mnist
 from data_pipelines import records
 from data_pipelines import text
 from data_pipelines import writers
+from demos import fashion_mnist
 
 QUESTION = "what is in this picture?"
 KINDS = ("text", "generate", "understand", "interleaved", "mixture")
@@ -133,7 +133,9 @@ def _limited(kind, images, labels, seed):
 
 def write_stage_records(source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, out_dir="data/fm_stages",
                         limit=None):
-  """Writes every `{kind}_{split}` of `KINDS` to `out_dir` (ArrayRecord + summary JSON)."""
+  """Writes every `{kind}_{split}` of `KINDS` to `out_dir` (ArrayRecord + summary JSON);
+  returns {name: WriteSummary}."""
+  summaries = {}
   loaded = {split: fashion_mnist.load_idx_split(source_dir, split)
             for split in fashion_mnist.SPLITS}
   for split, (images, labels) in loaded.items():
@@ -147,3 +149,11 @@ def write_stage_records(source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, out_dir="da
       summary.written = stream.n
       summary.files = [os.path.basename(p) for p in paths]
       writers.save_summary(summary, out_dir, name)
+      summaries[name] = summary
+  return summaries
+
+
+def record_source(out_dir, options):
+  """The `fashion_mnist_stages` record source (`starflow2 prepare-data --source
+  fashion_mnist_stages`): every stage's records from the idx files in `options.source_dir`."""
+  return write_stage_records(options.source_dir or fashion_mnist.DEFAULT_SOURCE_DIR, out_dir)

@@ -23,15 +23,18 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
-from data_pipelines import fashion_mnist
-from data_pipelines import fashion_mnist_stages as stage_records
+from data_pipelines import sources
 from data_pipelines import text as text_lib
+from demos import classifier
+from demos import fashion_mnist
+from demos import fashion_mnist_stages as stage_records
 from experiments import fashion_mnist_stages as experiment
+from starflow2_jax import cli
 from starflow2_jax import image_io
 from starflow2_jax import sharding
-from starflow2_jax.evaluation import classifier
 from starflow2_jax.sampling import prompts
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import trainer
@@ -49,6 +52,15 @@ def stage_config(stage, size, data_dir, previous_workdir, overrides=None):
     section, field = key.split(".", 1)
     config[section][field] = value
   return config
+
+
+def prepare_records(config):
+  """Every stage's records, written once by the `fashion_mnist_stages` source (what
+  `starflow2 prepare-data --source fashion_mnist_stages` runs)."""
+  splits = [f"{kind}_{split}" for kind in stage_records.KINDS for split in fashion_mnist.SPLITS]
+  sources.prepare(config.data.source, config.data.dir,
+                  sources.SourceOptions(source_dir=config.data.source_dir),
+                  skip_if_present=splits)
 
 
 def held_out_bpd(task, params, config, data_dir, num_examples):
@@ -84,8 +96,8 @@ def named_class(answer):
 def understanding_accuracy(task, params, images, labels, rng, batch=100):
   answers = []
   for i in range(0, len(images), batch):
-    answers += task.answer(params, images[i:i + batch], stage_records.QUESTION,
-                           jax.random.fold_in(rng, i))
+    answers += prompts.answer(task, params, images[i:i + batch], stage_records.QUESTION,
+                              jax.random.fold_in(rng, i))
   correct = [named_class(a) == int(label) for a, label in zip(answers, labels)]
   return float(np.mean(correct)), answers
 
@@ -126,6 +138,7 @@ def run(workdir, size="", overrides=None, judge_per_class=30, understanding_exam
   data_dir = os.path.join(workdir, "data")
   summary, previous, seconds = {}, None, {}
   results = {}
+  prepare_records(stage_config(0, size, data_dir, None, overrides))
   for stage in range(4):
     config = stage_config(stage, size, data_dir, previous, overrides)
     stage_dir = os.path.join(workdir, f"stage{stage}")
@@ -165,7 +178,7 @@ def run(workdir, size="", overrides=None, judge_per_class=30, understanding_exam
 
   logging.info("interleaved samples from the stage-3 model")
   task, params = results[3].task, results[3].state.params
-  interleaved = task.generator(max_new=task.layout.max_length).generate(
+  interleaved = prompts.generator_for(task, max_new=task.layout.max_length).generate(
       params, [list(p) for p in INTERLEAVED_PROMPTS], jax.random.key(7))
   page = prompts.write_html(interleaved, os.path.join(workdir, "interleaved"),
                             "STARFlow2 demo: interleaved samples")
@@ -236,3 +249,21 @@ def format_summary(s):
   if "floors" in s:
     lines.append(format_floors(s["floors"]))
   return "\n".join(lines)
+
+
+def _define_flags(fv, argv):
+  cli.define_workdir(fv, "runs/demo", "Where each stage's workdir, the records and the "
+                     "summary go (finished stages are not retrained).")
+  flags.DEFINE_string("source_dir", fashion_mnist.DEFAULT_SOURCE_DIR,
+                      "The Fashion-MNIST idx files.", flag_values=fv)
+
+
+def _run_command(fv):
+  summary = run(fv.workdir, overrides={"data.source_dir": fv.source_dir})
+  print(format_summary(summary))
+  print(f"samples, TensorBoard logs and summary.json are in {fv.workdir}/")
+
+
+COMMAND = cli.Command(
+    "the embedded default: STARFlow2's stages 0-3 on Fashion-MNIST, each judged (~18 min)",
+    "starflow2 demo --workdir runs/demo", _define_flags, _run_command)

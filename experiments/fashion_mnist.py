@@ -1,7 +1,8 @@
 """Caption-to-image STARFlow (no VLM) on Fashion-MNIST: the embedded default and the demo.
 
+    starflow2 prepare-data --source fashion_mnist --out runs/fm/data
     starflow2 train --config experiments/fashion_mnist.py --workdir runs/fm
-    starflow2 demo                    # the same config, then samples, bpd and accuracy
+    starflow2 caption-demo            # the same config, then samples, bpd and accuracy
 
 Presets (pass after a colon, e.g. `--config experiments/fashion_mnist.py:tiny`):
   ""     the demo: 2100 steps of 32, capped at 9.5 min of training (on the 2-core dev machine
@@ -14,8 +15,8 @@ Every field can be overridden on the command line: `--config.train.steps=200`.
 
 import ml_collections
 
-from data_pipelines import fashion_mnist
 from data_pipelines import text
+from demos import fashion_mnist
 from starflow2_jax import sharding
 
 CAPTIONS = [fashion_mnist.caption_for(label) for label in range(len(fashion_mnist.CLASS_NAMES))]
@@ -28,8 +29,8 @@ def get_config(preset=""):
   c.seed = 0
 
   c.data = dict(
-      dir="",                        # records; "" = <workdir>/data, written on first use
-      source="fashion_mnist",        # how to write missing records
+      dir="",                        # records; "" = <workdir>/data (starflow2 prepare-data)
+      source="fashion_mnist",        # the prepare-data source that writes them
       source_dir="/usr/share/datasets/fashion-mnist",
       train_split="train",
       test_split="test",
@@ -63,6 +64,7 @@ def get_config(preset=""):
       checkpoint_every=500,
       keep_checkpoints=2,
       time_limit_minutes=9.5,        # > 0: save and stop early when reached (0: no limit)
+      max_nonfinite_steps=10,        # skipped non-finite steps in a row that stop the run (0: never)
   )
   c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, min_learning_rate=1e-6,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,

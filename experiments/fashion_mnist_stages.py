@@ -2,7 +2,7 @@
 
     starflow2 train --config experiments/fashion_mnist_stages.py:stage1 --workdir runs/s1 \\
         --config.init.from_workdir=runs/s0
-    starflow2 pipeline-demo           # stages 0-3 in turn, with their evaluations
+    starflow2 demo                    # stages 0-3 in turn, with their evaluations
 
 Presets `stage0` … `stage3` (add `-tiny` for seconds-long test runs, e.g. `stage2-tiny`):
   stage0  pretrains the tiny VLM's text decoder on the demo's sentences (no pretrained VLM
@@ -11,8 +11,9 @@ Presets `stage0` … `stage3` (add `-tiny` for seconds-long test runs, e.g. `sta
   stage2  image -> answer: only the adapter learns, through the frozen VLM's text loss
   stage3  the mixture of generation, understanding and interleaved records, with the
           zero-initialised vertical skips W_v, W_t
-Each stage warm-starts from the previous one's workdir (`init.from_workdir`). Records are
-written from the Fashion-MNIST idx files on first use (data_pipelines/fashion_mnist_stages.py).
+Each stage warm-starts from the previous one's workdir (`init.from_workdir`). Records come from
+`starflow2 prepare-data --source fashion_mnist_stages` (demos/fashion_mnist_stages.py), which
+the demo runs itself.
 `starflow2 demo` runs all four in 18 minutes on the 2-core dev machine: 5.127 / 5.089
 bits/dim and 76.3 % / 79.3 % generation (judged, same draws) after stages 1 / 3, understanding
 76.0 % / 75.6 % after stages 2 / 3; every floor in FLOORS below met (README has the figures).
@@ -20,10 +21,10 @@ bits/dim and 76.3 % / 79.3 % generation (judged, same draws) after stages 1 / 3,
 
 import ml_collections
 
-from data_pipelines import fashion_mnist_stages as records
 from data_pipelines import text
+from demos import fashion_mnist_stages as records
 from starflow2_jax import sharding
-from starflow2_jax.training import pretzel_stages
+from starflow2_jax.models import stages
 
 SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 TOKENIZER = text.WordTokenizer(records.WORDS, SPECIAL_TOKENS)
@@ -70,8 +71,8 @@ def get_config(preset="stage1"):
   c.seed = stage
 
   c.data = dict(
-      dir="",                        # records; "" = <workdir>/data, written on first use
-      source="fashion_mnist_stages",
+      dir="",                        # records; "" = <workdir>/data (starflow2 prepare-data)
+      source="fashion_mnist_stages",  # the prepare-data source that writes them
       source_dir="/usr/share/datasets/fashion-mnist",
       train_split=f"{s['kind']}_train", test_split=f"{s['kind']}_test",
       image_size=(28, 28), channels=1,
@@ -107,10 +108,11 @@ def get_config(preset="stage1"):
   c.train = dict(steps=s["steps"], batch_size=32, caption_dropout=0.1, log_every=50,
                  eval_every=0, sample_every=0, checkpoint_every=500, keep_checkpoints=1,
                  time_limit_minutes=0.0,
+                 max_nonfinite_steps=10,     # skipped non-finite steps in a row: stop (0: never)
                  final_samples=False)        # the pipeline demo draws and judges its own
   c.optimizer = dict(learning_rate=s["learning_rate"], warmup_steps=min(100, s["steps"] // 5),
                      min_learning_rate=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
-                     grad_clip_norm=1.0, trainable=list(pretzel_stages.STAGES[stage].trainable))
+                     grad_clip_norm=1.0, trainable=list(stages.STAGES[stage].trainable))
   c.eval = dict(batch_size=250, num_examples=1000, noise_level=0.02)
   c.sample = dict(
       captions=[records.caption(k) for k in range(10)], per_class=4,

@@ -1,183 +1,296 @@
-"""The `starflow2` command line: `starflow2 <command> [flags]`.
+"""The `starflow2` command line: `starflow2 <command> [--flags]`, one flag set per command.
 
-Commands:
-  demo          the embedded default: STARFlow2's stages 0-3 on Fashion-MNIST, judged
-  caption-demo  the caption-to-image flow alone on Fashion-MNIST (10 minutes), judged
-  train         train `--config` in `--workdir` (resumes from the latest checkpoint)
-  eval          held-out bits/dim of a trained workdir
-  sample        images for `--caption`s, or continuations of `--prompt`s (text, images,
-                interleaved) from a trained workdir
-  prepare-data  write ArrayRecord files (Fashion-MNIST, or a folder of images + JSONL)
-  convert-qwen  a Hugging Face Qwen2.5-VL checkpoint -> an Orbax copy (`--hf-dir`, `--out`)
-  generate      answer `--prompt` (and `--image`s) with a Qwen2.5-VL directory (`--vlm`)
-
-Configs are ml_collections files: `--config experiments/fashion_mnist.py[:preset]`, and any
-field can be overridden: `--config.train.steps=100`. `eval` and `sample` default to the
-config saved in the workdir. See docs/cli.md (and docs/qwen.md for the VLM commands).
+Every command declares its own absl flags (`--snake_case`); `starflow2 <command> --help` lists
+only those. Configs are ml_collections files, `--config experiments/x.py[:preset]`, and any
+field can be overridden: `--config.train.steps=100`. Commands from other installed packages
+(this repository's demos) plug in through the `starflow2.commands` entry-point group, so the
+library never imports them. docs/cli.md is generated from these definitions
+(`python -m starflow2_jax.cli --markdown`).
 """
 
+import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
 import sys
+from typing import Callable
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import fashion_mnist as default_experiment
-
-_DEFAULT_CONFIG = default_experiment.__file__
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "An experiment config file (experiments/*.py), optionally ':preset'.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
-_CAPTIONS = flags.DEFINE_multi_string("caption", None, "sample: a caption (repeatable).")
-_OUT = flags.DEFINE_string("out", None, "sample / prepare-data: output file or directory.")
-_GUIDANCE = flags.DEFINE_float("guidance_weight", None,
-                               "sample: classifier-free guidance weight (default: config's).")
-_NUM = flags.DEFINE_integer("num_per_caption", 4, "sample: images per caption.")
-_SOURCE = flags.DEFINE_enum("source", "fashion_mnist", ["fashion_mnist", "image_folder"],
-                            "prepare-data: what to convert.")
-_SOURCE_DIR = flags.DEFINE_string("source_dir", None,
-                                  "prepare-data: Fashion-MNIST idx dir or the image folder.")
-_CAPTIONS_JSONL = flags.DEFINE_string("captions_jsonl", None,
-                                      "prepare-data image_folder: JSONL of {file, caption}.")
-_SPLIT = flags.DEFINE_string("split", "train", "prepare-data image_folder: split name.")
-_HF_DIR = flags.DEFINE_string("hf-dir", None, "convert-qwen: the Hugging Face checkpoint dir.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"],
-                           "convert-qwen / generate: parameter dtype.")
-_VLM = flags.DEFINE_string("vlm", None, "generate: a converted or Hugging Face Qwen2.5-VL dir.")
-_PROMPT = flags.DEFINE_multi_string(
-    "prompt", None, "generate: the user's message. sample (STARFlow2 workdirs): a prompt "
-    "(repeatable) of text, <image:PATH> and a final <draw>.")
-_MAX_NEW_POSITIONS = flags.DEFINE_integer("max_new", None,
-                                          "sample: positions to generate (default: config's).")
-_IMAGES = flags.DEFINE_multi_string("image", [], "generate: an image file (repeatable).")
-_MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "generate: answer length limit.")
-_GREEDY = flags.DEFINE_boolean("greedy", False, "generate: argmax decoding (else sampling).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature.")
-_TOP_P = flags.DEFINE_float("top-p", 0.9, "generate: nucleus sampling mass.")
-_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
-_JSON = flags.DEFINE_boolean("json", False, "generate: print JSON with the token ids.")
+ENTRY_POINT_GROUP = "starflow2.commands"
+# The embedded default config, found beside the package (read by config loading, not imported).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "experiments", "fashion_mnist.py")
+_ABSL_BUILTIN = ("flagfile", "undefok")
 
 
-def _config(fallback_workdir=None):
-  """--config (default: the embedded default, with any --config.* overrides), except that
-  commands reading a workdir use the config saved there unless --config is given."""
-  if fallback_workdir is not None and not flags.FLAGS["config"].present:
-    from starflow2_jax.training import trainer
-    return trainer.load_config(fallback_workdir)
-  return _CONFIG.value
+class UsageError(ValueError):
+  """A command line that cannot run; printed with the command's usage."""
 
 
-def _require_workdir():
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
-  return _WORKDIR.value
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One `starflow2` command.
+
+  define(flag_values, argv) declares the command's flags (argv lets `--config.*` overrides
+  be declared); run(flag_values) does the work.
+  """
+  summary: str
+  usage: str
+  define: Callable[[flags.FlagValues, list], None]
+  run: Callable[[flags.FlagValues], None]
 
 
-def cmd_train(argv):
+# ---- flags several commands share ----------------------------------------------------------
+
+def define_config(fv, argv, default=DEFAULT_CONFIG, help_string=None):
+  """--config (an experiments/*.py file, optionally ':preset') with --config.* overrides."""
+  config_flags.DEFINE_config_file(
+      "config", default, help_string or "An experiment config file (experiments/*.py), "
+      "optionally ':preset'; override any field with --config.<section>.<field>=<value>.",
+      flag_values=fv, sys_argv=argv)
+
+
+def define_workdir(fv, default=None, help_string="Where checkpoints, logs and samples go."):
+  flags.DEFINE_string("workdir", default, help_string, flag_values=fv)
+
+
+def require(fv, *names):
+  """The values of flags that must be given; a UsageError naming the missing ones."""
+  missing = [f"--{n}" for n in names if fv[n].value in (None, "", [])]
+  if missing:
+    raise UsageError(f"missing {', '.join(missing)}")
+  return [fv[n].value for n in names]
+
+
+def config_or_saved(fv, workdir):
+  """--config when given, else the config saved in a training workdir."""
+  if fv["config"].present:
+    return fv.config
   from starflow2_jax.training import trainer
-  summary = trainer.train(_config(), _require_workdir()).summary
-  print(json.dumps(summary, indent=2))
+  return trainer.load_config(workdir)
 
 
-def cmd_demo(argv):
-  from starflow2_jax import pipeline_demo
-  workdir = _WORKDIR.value or "runs/demo"
-  summary = pipeline_demo.run(workdir)
-  print(pipeline_demo.format_summary(summary))
-  print(f"samples, TensorBoard logs and summary.json are in {workdir}/")
+# ---- the library's commands ---------------------------------------------------------------
+
+def _define_train(fv, argv):
+  define_config(fv, argv)
+  define_workdir(fv)
 
 
-def cmd_caption_demo(argv):
-  from starflow2_jax import demo
-  workdir = _WORKDIR.value or "runs/caption_demo"
-  summary = demo.run(_config(), workdir)
-  print(demo.format_summary(summary))
-  print(f"samples, TensorBoard logs and summary.json are in {workdir}/")
+def _train(fv):
+  from starflow2_jax.training import trainer
+  (workdir,) = require(fv, "workdir")
+  print(json.dumps(trainer.train(fv.config, workdir).summary, indent=2))
 
 
-def cmd_eval(argv):
-  from starflow2_jax.training import evaluation
-  workdir = _require_workdir()
-  print(json.dumps(evaluation.evaluate_workdir(_config(workdir), workdir), indent=2))
+def _define_eval(fv, argv):
+  define_config(fv, argv, None, "The config (default: the one saved in --workdir).")
+  define_workdir(fv, help_string="A training workdir.")
 
 
-def cmd_sample(argv):
-  from starflow2_jax.training import evaluation
-  workdir = _require_workdir()
-  config = _config(workdir)
+def _eval(fv):
+  from starflow2_jax.evaluation import workdir as workdir_lib
+  (workdir,) = require(fv, "workdir")
+  print(json.dumps(workdir_lib.evaluate_workdir(config_or_saved(fv, workdir), workdir),
+                   indent=2))
+
+
+def _define_sample(fv, argv):
+  define_config(fv, argv, None, "The config (default: the one saved in --workdir).")
+  define_workdir(fv, help_string="A training workdir.")
+  flags.DEFINE_multi_string("caption", None, "Caption-to-image workdirs: a caption "
+                            "(repeatable; default: the config's sample.captions).", flag_values=fv)
+  flags.DEFINE_integer("num_per_caption", 4, "Caption-to-image workdirs: images per caption.",
+                       flag_values=fv)
+  flags.DEFINE_multi_string("prompt", None, "STARFlow2 workdirs: a prompt (repeatable) of "
+                            "text, <image:PATH> input images and a final <draw>.", flag_values=fv)
+  flags.DEFINE_float("guidance_weight", None, "Classifier-free guidance weight (default: the "
+                     "config's; 0 = none).", flag_values=fv)
+  flags.DEFINE_integer("max_new", None, "STARFlow2 workdirs: positions to generate at most "
+                       "(default: the config's sample.max_new).", flag_values=fv)
+  flags.DEFINE_string("out", None, "The PNG grid (caption-to-image) or the HTML page's "
+                      "directory (STARFlow2); default: inside --workdir.", flag_values=fv)
+
+
+def _sample(fv):
+  from starflow2_jax.evaluation import workdir as workdir_lib
+  (workdir,) = require(fv, "workdir")
+  config = config_or_saved(fv, workdir)
   if config.task == "pretzel":
-    if not _PROMPT.value:
-      raise app.UsageError("sample with a STARFlow2 workdir needs --prompt (repeatable)")
-    results, page = evaluation.sample_prompts_workdir(config, workdir, _PROMPT.value, _OUT.value,
-                                                      _GUIDANCE.value, _MAX_NEW_POSITIONS.value)
+    (prompts,) = require(fv, "prompt")
+    results, page = workdir_lib.sample_prompts_workdir(config, workdir, prompts, fv.out,
+                                                       fv.guidance_weight, fv.max_new)
     for result in results:
       print(f"{result.text!r} + {len(result.images)} image(s)")
     print(f"wrote {page}")
     return
-  captions = _CAPTIONS.value or None
-  path = evaluation.sample_workdir(config, workdir, captions, _NUM.value,
-                                   _GUIDANCE.value, _OUT.value)
+  path = workdir_lib.sample_workdir(config, workdir, fv.caption or None, fv.num_per_caption,
+                                    fv.guidance_weight, fv.out)
   print(f"wrote {path}")
 
 
-def cmd_prepare_data(argv):
-  out = _OUT.value
-  if not out:
-    raise app.UsageError("--out (the records directory) is required")
-  if _SOURCE.value == "fashion_mnist":
-    from data_pipelines import fashion_mnist
-    summaries = fashion_mnist.write_fashion_mnist(
-        _SOURCE_DIR.value or fashion_mnist.DEFAULT_SOURCE_DIR, out)
-  else:
-    from data_pipelines import image_folder
-    if not (_SOURCE_DIR.value and _CAPTIONS_JSONL.value):
-      raise app.UsageError("image_folder needs --source_dir and --captions_jsonl")
-    summaries = {_SPLIT.value: image_folder.write_image_folder(
-        _SOURCE_DIR.value, _CAPTIONS_JSONL.value, out, _SPLIT.value)}
-  for split, summary in summaries.items():
+def _define_prepare_data(fv, argv):
+  from data_pipelines import sources
+  flags.DEFINE_enum("source", None, sorted(sources.available()), "What to convert.",
+                    flag_values=fv)
+  flags.DEFINE_string("out", None, "The records directory to write.", flag_values=fv)
+  flags.DEFINE_string("source_dir", None, "The source's input directory (the Fashion-MNIST "
+                      "idx files, the image folder).", flag_values=fv)
+  flags.DEFINE_string("captions_jsonl", None, "image_folder: a JSONL of {file, caption}.",
+                      flag_values=fv)
+  flags.DEFINE_string("split", "train", "image_folder: the split to write.", flag_values=fv)
+
+
+def _prepare_data(fv):
+  from data_pipelines import sources
+  source, out = require(fv, "source", "out")
+  options = sources.SourceOptions(fv.source_dir, fv.captions_jsonl, fv.split)
+  for split, summary in sources.prepare(source, out, options).items():
     print(f"{split}: {summary.written} written, {summary.skipped} skipped -> {out}")
 
 
-def cmd_convert_qwen(argv):
+def _define_convert_qwen(fv, argv):
+  flags.DEFINE_string("hf_dir", None, "The Hugging Face Qwen2.5-VL checkpoint directory.",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "The Orbax copy to write.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.",
+                    flag_values=fv)
+
+
+def _convert_qwen(fv):
   import jax.numpy as jnp
   from starflow2_jax.convert import qwen
-  if not (_HF_DIR.value and _OUT.value):
-    raise app.UsageError("convert-qwen needs --hf-dir and --out")
-  params = qwen.load_hf_checkpoint(_HF_DIR.value, dtype=jnp.dtype(_DTYPE.value))
-  print(f"wrote {qwen.save_converted(params, _HF_DIR.value, _OUT.value)}")
+  hf_dir, out = require(fv, "hf_dir", "out")
+  params = qwen.load_hf_checkpoint(hf_dir, dtype=jnp.dtype(fv.dtype))
+  print(f"wrote {qwen.save_converted(params, hf_dir, out)}")
 
 
-def cmd_generate(argv):
+def _define_generate(fv, argv):
+  flags.DEFINE_string("vlm", None, "A converted or Hugging Face Qwen2.5-VL directory.",
+                      flag_values=fv)
+  flags.DEFINE_string("message", None, "The user's message.", flag_values=fv)
+  flags.DEFINE_multi_string("image", [], "An image file (repeatable).", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 128, "Answer length limit.", flag_values=fv)
+  flags.DEFINE_boolean("greedy", False, "Argmax decoding (else sampling).", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.7, "Sampling temperature.", flag_values=fv)
+  flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter dtype.",
+                    flag_values=fv)
+  flags.DEFINE_boolean("json", False, "Print JSON with the token ids.", flag_values=fv)
+
+
+def _generate(fv):
   import jax.numpy as jnp
   from starflow2_jax.sampling import vlm_chat
-  if not (_VLM.value and _PROMPT.value):
-    raise app.UsageError("generate needs --vlm and --prompt")
-  answer = vlm_chat.answer(
-      _VLM.value, _PROMPT.value[0], _IMAGES.value, max_new_tokens=_MAX_NEW.value,
-      greedy=_GREEDY.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-      seed=_SEED.value, dtype=jnp.dtype(_DTYPE.value))
-  if _JSON.value:
+  vlm, message = require(fv, "vlm", "message")
+  answer = vlm_chat.answer(vlm, message, fv.image, max_new_tokens=fv.max_new_tokens,
+                           greedy=fv.greedy, temperature=fv.temperature, top_p=fv.top_p,
+                           seed=fv.seed, dtype=jnp.dtype(fv.dtype))
+  if fv.json:
     print(json.dumps(dict(text=answer.text, token_ids=answer.token_ids,
                           prompt_tokens=answer.prompt_tokens)))
   else:
     print(answer.text)
 
 
-COMMANDS = {
-    "demo": cmd_demo,
-    "caption-demo": cmd_caption_demo,
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "sample": cmd_sample,
-    "prepare-data": cmd_prepare_data,
-    "convert-qwen": cmd_convert_qwen,
-    "generate": cmd_generate,
+LIBRARY_COMMANDS = {
+    "train": Command(
+        "train --config in --workdir (resumes from the latest checkpoint)",
+        "starflow2 train --config experiments/fashion_mnist.py --workdir runs/fm "
+        "[--config.train.steps=N]", _define_train, _train),
+    "eval": Command(
+        "held-out metrics (bits/dim) of a trained workdir at its latest checkpoint",
+        "starflow2 eval --workdir runs/fm", _define_eval, _eval),
+    "sample": Command(
+        "images for captions, or continuations of interleaved prompts, from a trained workdir",
+        "starflow2 sample --workdir runs/fm --caption 'a photo of a bag'\n"
+        "starflow2 sample --workdir runs/demo/stage3 --prompt 'a photo of a sneaker <draw>' "
+        "--prompt '<image:shoe.png> what is in this picture?'", _define_sample, _sample),
+    "prepare-data": Command(
+        "write ArrayRecord records from a source (the only writer of records)",
+        "starflow2 prepare-data --source fashion_mnist --out data/fm\n"
+        "starflow2 prepare-data --source image_folder --source_dir images/ "
+        "--captions_jsonl captions.jsonl --split train --out data/mine",
+        _define_prepare_data, _prepare_data),
+    "convert-qwen": Command(
+        "a Hugging Face Qwen2.5-VL checkpoint -> an Orbax copy",
+        "starflow2 convert-qwen --hf_dir ckpt/qwen25vl-7b --out ckpt/qwen25vl-7b-flax",
+        _define_convert_qwen, _convert_qwen),
+    "generate": Command(
+        "answer a message (and images) with a Qwen2.5-VL directory",
+        "starflow2 generate --vlm ckpt/qwen25vl-7b-flax --message 'What is this?' "
+        "--image photo.jpg", _define_generate, _generate),
 }
 
+
+def commands():
+  """{name: Command}: the library's, then those registered by installed packages."""
+  found = dict(LIBRARY_COMMANDS)
+  for entry in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+                      key=lambda e: e.name):
+    found.setdefault(entry.name, entry)        # loaded only when run or listed in detail
+  return found
+
+
+def _load(command):
+  return command.load() if isinstance(command, importlib.metadata.EntryPoint) else command
+
+
+# ---- help and docs ---------------------------------------------------------------------------
+
+def own_flags(fv):
+  """The command's own flags (not absl's built-ins, not --config.* overrides), in order."""
+  return [fv[name] for name in fv.flag_values_dict()
+          if name not in _ABSL_BUILTIN and not name.startswith("config.")]
+
+
+def _describe(flag):
+  default = flag.default_as_str if flag.default is not None else None
+  if flag.name == "config" and default:      # the embedded default, relative to the repository
+    root = os.path.dirname(os.path.dirname(DEFAULT_CONFIG))
+    default = repr(os.path.relpath(flag.default_as_str.strip("'"), root))
+  meaning = " ".join(flag.help.split()).replace(".;", ";")
+  return meaning + (f" (default: {default})" if default else "")
+
+
+def command_help(name, command):
+  fv = flags.FlagValues()
+  command.define(fv, [])
+  lines = [f"starflow2 {name}: {command.summary}", "", "usage:"]
+  lines += [f"  {line}" for line in command.usage.splitlines()]
+  lines += ["", "flags:"]
+  lines += [f"  --{flag.name}: {_describe(flag)}" for flag in own_flags(fv)]
+  return "\n".join(lines)
+
+
+def overview():
+  lines = ["usage: starflow2 <command> [--flags]; starflow2 <command> --help lists its flags", "",
+           "commands:"]
+  for name, command in commands().items():
+    lines.append(f"  {name:13} {_load(command).summary}")
+  return "\n".join(lines)
+
+
+def markdown():
+  """docs/cli.md's reference part: every command's usage and flags."""
+  parts = ["## Reference (generated by `python -m starflow2_jax.cli --markdown`)", ""]
+  for name, command in commands().items():
+    command = _load(command)
+    fv = flags.FlagValues()
+    command.define(fv, [])
+    parts += [f"### `starflow2 {name}`", command.summary[0].upper() + command.summary[1:] + ".",
+              "", *[f"    {line}" for line in command.usage.splitlines()], "",
+              "| flag | meaning |", "|---|---|"]
+    parts += [f"| `--{f.name}` | {_describe(f).replace('|', '/')} |" for f in own_flags(fv)]
+    parts.append("")
+  return "\n".join(parts)
+
+
+# ---- entry point ----------------------------------------------------------------------------
 
 def _quiet_logs():
   logging.getLogger().setLevel(logging.INFO)
@@ -185,17 +298,45 @@ def _quiet_logs():
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def run(argv):
+  """Runs `argv` = [program, command, flags…]; returns the exit status."""
+  table = commands()
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(overview())
+    return 0 if len(argv) >= 2 else 2
+  if argv[1] == "--markdown":
+    print(markdown())
+    return 0
+  name = argv[1]
+  if name not in table:
+    print(f"unknown command {name!r}\n\n{overview()}", file=sys.stderr)
+    return 2
+  command = _load(table[name])
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[2:]):
+    print(command_help(name, command))
+    return 0
+  fv = flags.FlagValues()
+  command.define(fv, argv[1:])
+  try:
+    rest = fv([f"starflow2 {name}"] + argv[2:])
+    if len(rest) > 1:
+      raise UsageError(f"unexpected arguments {rest[1:]}")
+  except (flags.Error, UsageError) as e:
+    print(f"starflow2 {name}: {e}\n\n{command_help(name, command)}", file=sys.stderr)
+    return 2
+  if not flags.FLAGS.is_parsed():     # libraries that read absl's global flags
+    flags.FLAGS(["starflow2"], known_only=True)
+  _quiet_logs()
+  try:
+    command.run(fv)
+  except UsageError as e:
+    print(f"starflow2 {name}: {e}\n\n{command_help(name, command)}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def main():
-  if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-    print(__doc__, file=sys.stderr)
-    sys.exit(2)
-  command = sys.argv[1]
-
-  def run(argv):
-    _quiet_logs()
-    COMMANDS[command](argv)
-
-  app.run(run, argv=[f"starflow2 {command}"] + sys.argv[2:])
+  sys.exit(run(sys.argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | Non
   """A mesh over `devices` (default: all) with axes data × fsdp × tensor.
 
   One entry of `mesh_shape` may be -1: it takes whatever devices remain. Axis types are
-  Auto, so sharding constraints inside jit stay hints to the partitioner (see STACK.md).
+  Auto, so sharding constraints inside jit stay hints to the partitioner.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = [int(mesh_shape.get(axis, 1)) for axis in MESH_AXES]

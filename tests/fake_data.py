@@ -8,8 +8,8 @@ import os
 
 import numpy as np
 
-from data_pipelines import fashion_mnist
 from data_pipelines import records
+from demos import fashion_mnist
 
 
 def idx_bytes(array):

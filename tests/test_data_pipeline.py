@@ -10,9 +10,10 @@ import orbax.checkpoint as ocp
 import pytest
 from array_record.python import array_record_module
 
+from data_pipelines import examples
 from data_pipelines import pipeline
 from data_pipelines import records
-from data_pipelines import testing
+import fake_data as testing
 from data_pipelines import text
 from data_pipelines import writers
 
@@ -27,7 +28,7 @@ def _paths(tmp_path):
 
 
 def _transform(max_caption_len=12):
-  return pipeline.CaptionImageExample(IMAGE_SHAPE, max_caption_len)
+  return examples.CaptionImageExample(IMAGE_SHAPE, max_caption_len)
 
 
 def _dataset(paths, **kwargs):

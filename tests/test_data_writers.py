@@ -10,10 +10,10 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
-from data_pipelines import fashion_mnist
 from data_pipelines import image_folder
 from data_pipelines import records
-from data_pipelines import testing
+from demos import fashion_mnist
+import fake_data as testing
 from data_pipelines import writers
 
 

@@ -14,14 +14,15 @@ import pytest
 
 from experiments import fashion_mnist_stages
 from helpers import unboxed
+from data_pipelines import mrope_positions as positions_lib
 from starflow2_jax.flows import stack
 from starflow2_jax.layers import rotary
 from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import pretzel
 from starflow2_jax.models import pretzel_presets
+from starflow2_jax.models import stages
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
-from starflow2_jax.training import pretzel_stages
+from starflow2_jax.training import pretzel_task
 
 # Adjacent image elements along any axis must differ by at least this rotary angle at that
 # axis's highest frequency. Rotating a query–key pair by ω changes their product by ~ω of its
@@ -36,7 +37,7 @@ def flow_stream_configs():
   """(name, deep Transformer config) of the flow stream at every preset in use."""
   configs = []
   for preset in ("stage1", "stage1-tiny", "stage3"):
-    model = pretzel_stages.build_model(fashion_mnist_stages.get_config(preset), latent_dim=16)
+    model = pretzel_task.build_model(fashion_mnist_stages.get_config(preset), latent_dim=16)
     configs.append((f"fashion_mnist_stages:{preset}", model.config.flow.deep))
   configs.append(("paper", pretzel_presets.paper_config().flow.deep))
   return configs

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-from data_pipelines import fashion_mnist_stages as stage_records
 from data_pipelines import records
-from data_pipelines import testing
+from demos import fashion_mnist_stages as stage_records
+import fake_data as testing
+from demos import staged_demo
 from experiments import fashion_mnist_stages as experiment
 from starflow2_jax import image_io
-from starflow2_jax import pipeline_demo
-from starflow2_jax.training import pretzel_stages
+from starflow2_jax.models import stages
+from starflow2_jax.training import pretzel_task
 
 
 def test_stage_records_fit_their_stage_layouts(tmp_path):
@@ -24,7 +25,7 @@ def test_stage_records_fit_their_stage_layouts(tmp_path):
   stage_records.write_stage_records(str(tmp_path / "idx"), str(tmp_path / "records"))
   tokenizer = experiment.TOKENIZER
   for stage, spec in experiment.STAGE_DATA.items():
-    task = pretzel_stages.PretzelTask(experiment.get_config(f"stage{stage}-tiny"))
+    task = pretzel_task.PretzelTask(experiment.get_config(f"stage{stage}-tiny"))
     path = tmp_path / "records" / f"{spec['kind']}_train-00000-of-00001.array_record"
     reader = array_record_module.ArrayRecordReader(str(path))
     raw = reader.read_all()
@@ -37,11 +38,11 @@ def test_stage_records_fit_their_stage_layouts(tmp_path):
 
 
 def test_understanding_answers_name_classes():
-  assert pipeline_demo.named_class("a ankle boot.") == 9
-  assert pipeline_demo.named_class("a shirt.") == 6
-  assert pipeline_demo.named_class("a t-shirt/top.") == 0
-  assert pipeline_demo.named_class("what is in this picture?") is None
-  assert all(pipeline_demo.named_class(stage_records.answer(k)) == k for k in range(10))
+  assert staged_demo.named_class("a ankle boot.") == 9
+  assert staged_demo.named_class("a shirt.") == 6
+  assert staged_demo.named_class("a t-shirt/top.") == 0
+  assert staged_demo.named_class("what is in this picture?") is None
+  assert all(staged_demo.named_class(stage_records.answer(k)) == k for k in range(10))
 
 
 def test_floors_judge_each_figure_and_say_which_are_missed():
@@ -52,10 +53,10 @@ def test_floors_judge_each_figure_and_say_which_are_missed():
             ("generation_accuracy_stage3", ">=", ("generation_accuracy_stage1", 0.0)),
             ("understanding_accuracy_stage3", ">=", ("understanding_accuracy_stage2", -0.02)),
             ("total_seconds", "<=", 1200))
-  checks = pipeline_demo.check_floors(summary, floors)
+  checks = staged_demo.check_floors(summary, floors)
   assert [c["met"] for c in checks] == [True, True, False, False, False]
   assert checks[3]["limit"] == pytest.approx(0.74) and checks[4]["value"] is None
-  text = pipeline_demo.format_floors(checks)
+  text = staged_demo.format_floors(checks)
   assert "3 of 5 MISSED" in text and "MISSED  generation_accuracy_stage3 = 0.72" in text
   assert set(experiment.FLOORS) == {"", "tiny"}
 
@@ -65,7 +66,7 @@ def test_tiny_pipeline_runs_every_stage_and_the_sample_command(tmp_path):
   idx = str(tmp_path / "idx")
   testing.write_fake_fashion_mnist(idx, num_train=400, num_test=40, class_templates=True)
   workdir = str(tmp_path / "run")
-  summary = pipeline_demo.run(workdir, size="tiny", overrides={"data.source_dir": idx},
+  summary = staged_demo.run(workdir, size="tiny", overrides={"data.source_dir": idx},
                               judge_per_class=20, understanding_examples=10, bpd_examples=8)
   with open(os.path.join(workdir, "summary.json")) as f:
     written = json.load(f)

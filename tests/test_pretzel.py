@@ -9,13 +9,13 @@ import pytest
 
 from helpers import max_abs_diff, random_params, tree_bits
 from tolerance import assert_float32_close
+from data_pipelines import mrope_positions as positions_lib
 from starflow2_jax.flows import affine
 from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import stack
 from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import pretzel
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
 
 D, GRID = 4, (2, 2)
 N = GRID[0] * GRID[1]

@@ -4,14 +4,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from data_pipelines import records
 from helpers import tree_bits
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
+from tolerance import assert_float32_close
+from data_pipelines import mrope_positions as positions_lib
+from starflow2_jax.models import stages
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import optimizer as optimizer_lib
-from starflow2_jax.training import pretzel_stages
+from starflow2_jax.training import pretzel_task
 from starflow2_jax.training import state as state_lib
 from starflow2_jax.training import trainer
 
@@ -38,7 +41,7 @@ def tiny_config(stage, **init):
   c.train = dict(steps=2, caption_dropout=0.5)
   c.optimizer = dict(learning_rate=1e-2, warmup_steps=0, min_learning_rate=1e-6, b1=0.9,
                      b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,
-                     trainable=pretzel_stages.STAGES[stage].trainable)
+                     trainable=stages.STAGES[stage].trainable)
   c.eval = dict(noise_level=0.02)
   return c
 
@@ -60,7 +63,7 @@ def batch_of(task, recs):
 
 
 def test_interleaved_example_layout():
-  task = pretzel_stages.PretzelTask(tiny_config(3))
+  task = pretzel_task.PretzelTask(tiny_config(3))
   ex = task.example_transform()(record(prompt_segments=2))
   lay = task.layout
   ids = [98, 99, 257, 259, 259, 259, 259, 258, 100, 257, 259, 259, 259, 259, 258]
@@ -86,7 +89,7 @@ def test_interleaved_example_layout():
 
 def test_interleaved_example_rejects_what_does_not_fit():
   from data_pipelines import pipeline
-  task = pretzel_stages.PretzelTask(tiny_config(3))
+  task = pretzel_task.PretzelTask(tiny_config(3))
   long = records.InterleavedRecord([records.TextSegment("x" * 30)])
   with pytest.raises(pipeline.RecordMismatchError, match="max_length"):
     task.example_transform()(long)
@@ -111,19 +114,49 @@ TRAINED = {0: {"vlm"}, 1: {"flow", "shallow_0", "shallow_1"}, 2: {"adapter"},
            3: {"flow", "shallow_0", "shallow_1", "adapter", "w_v", "w_t"}}
 
 
+def _step_gradients(task, trainable, seed, state, batch):
+  """The gradient the train step takes at `state`: of the task's loss through
+  `trainer.frozen_without_gradient`, with that step's rng (as `trainer.make_train_step`)."""
+  def loss(params, batch):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    return task.loss(trainer.frozen_without_gradient(params, trainable), batch, rng)[0]
+  return jax.jit(jax.grad(loss))(state.params, batch)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_stage_steps_change_only_the_trainable_set(stage):
+  """Two steps: every trainable leaf gets a gradient, every frozen one exactly none, and
+  frozen leaves stay bitwise (AdamW's weight decay moves trainable leaves even without a
+  gradient, so "they changed" alone would prove nothing)."""
   config = tiny_config(stage)
-  task = pretzel_stages.PretzelTask(config)
+  trainable = config.optimizer.trainable
+  task = pretzel_task.PretzelTask(config)
   state, optimizer, schedule = _state(task, config)
-  before = _split(state.params, config.optimizer.trainable)
-  step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed,
-                                         config.optimizer.trainable))
+  before = _split(state.params, trainable)
+  step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed, trainable))
   batch = batch_of(task, [record(), record(prompt_segments=2)])
-  for _ in range(2):
-    state, metrics = step(state, batch)
+  state, _ = step(state, batch)
+  # The second step's gradient. (The first step's is zero, legitimately, for every leaf
+  # upstream of a zero-initialised layer: the flow blocks' heads and the adapter's FiLM
+  # output. One step makes those layers non-zero.)
+  grads = _step_gradients(task, trainable, config.seed, state, batch)
+  state, metrics = step(state, batch)
   assert np.isfinite(float(metrics["loss"]))
-  after = _split(state.params, config.optimizer.trainable)
+  for name, (grad, label) in _split(grads, trainable).items():
+    if label == "train":
+      assert np.any(np.asarray(grad) != 0), f"trainable {name} has no gradient"
+    else:
+      assert not np.any(np.asarray(grad)), f"frozen {name} has a gradient"
+  # ... and it is the step's own: the step reports its norm. (The same sums in another
+  # program: rounding through the model's layers and the norm's sum over all entries.)
+  m = config.model
+  depth = (m.vlm.num_layers + 1                                  # the VLM and its LM head
+           + m.deep.num_layers + 1                               # the deep block and its head
+           + m.num_shallow_blocks * (m.shallow.num_layers + 1))  # the shallow blocks
+  entries = sum(np.size(g) for g in jax.tree.leaves(grads))
+  assert_float32_close(metrics["grad_norm"], optax.global_norm(grads), depth=depth,
+                       reduction=entries)
+  after = _split(state.params, trainable)
   trained = [k for k, (_, label) in before.items() if label == "train"]
   assert {k.split("/")[0] for k in trained} == TRAINED[stage]
   for name, (value, label) in before.items():
@@ -137,7 +170,7 @@ def test_stage_steps_change_only_the_trainable_set(stage):
 
 def _saved_stage2(workdir):
   """A stage-2 task and state, its checkpoint written under `workdir` (for warm starts)."""
-  stage2 = pretzel_stages.PretzelTask(tiny_config(2))
+  stage2 = pretzel_task.PretzelTask(tiny_config(2))
   state2, _, _ = _state(stage2, stage2.config, rng=1)
   checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", async_save=False)
   checkpointer.save(5, state2)
@@ -148,7 +181,7 @@ def _saved_stage2(workdir):
 
 def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
   stage2, state2 = _saved_stage2(tmp_path)
-  stage3 = pretzel_stages.PretzelTask(tiny_config(3, from_workdir=str(tmp_path)))
+  stage3 = pretzel_task.PretzelTask(tiny_config(3, from_workdir=str(tmp_path)))
   fresh3, _, _ = _state(stage3, stage3.config, rng=2)
   warm = stage3.warm_start(fresh3.params)
   assert tree_bits({k: v for k, v in warm.items() if k not in ("w_v", "w_t")}) == \
@@ -171,14 +204,14 @@ def test_warm_start_with_other_shapes_fails_unless_reinitialised(tmp_path):
   def wider_stage3(**init):
     config = tiny_config(3, from_workdir=str(tmp_path), **init)
     config.model.deep.width = 32
-    task = pretzel_stages.PretzelTask(config)
+    task = pretzel_task.PretzelTask(config)
     return task, _state(task, config, rng=2)[0].params
 
   task, fresh = wider_stage3()
   with pytest.raises(ValueError) as error:
     task.warm_start(fresh)
   message = str(error.value)
-  assert "flow/p_u/kernel: checkpoint (4, 16), model (4, 32)" in message
+  assert "flow/input_proj/kernel: checkpoint (4, 16), model (4, 32)" in message
   assert "flow/backbone/layer_0/mlp" in message and "adapter" not in message
 
   task, fresh = wider_stage3(reinitialise=[r"flow/.*"])

@@ -52,11 +52,11 @@ def test_convert_then_generate(tmp_path):
   Image.fromarray((np.random.RandomState(0).rand(60, 80, 3) * 255).astype(np.uint8)).save(
       tmp_path / "x.png")
   out = tmp_path / "converted"
-  assert "wrote" in _cli("convert-qwen", f"--hf-dir={hf_dir}", f"--out={out}", "--dtype=float32")
+  assert "wrote" in _cli("convert-qwen", f"--hf_dir={hf_dir}", f"--out={out}", "--dtype=float32")
   assert (out / "tokenizer.json").exists() and config_lib.from_pretrained_dir(out) == \
       config_lib.from_pretrained_dir(hf_dir)
-  runs = [json.loads(_cli("generate", f"--vlm={d}", "--prompt=What is this?",
-                          f"--image={tmp_path / 'x.png'}", "--max-new-tokens=8", "--greedy",
+  runs = [json.loads(_cli("generate", f"--vlm={d}", "--message=What is this?",
+                          f"--image={tmp_path / 'x.png'}", "--max_new_tokens=8", "--greedy",
                           "--dtype=float32", "--json").strip().splitlines()[-1])
           for d in (out, hf_dir)]
   assert runs[0] == runs[1]

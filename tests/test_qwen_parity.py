@@ -13,11 +13,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from data_pipelines import mrope_positions as positions_lib  # noqa: E402
 from starflow2_jax.convert import qwen as qwen_convert  # noqa: E402
 from starflow2_jax.models.qwen2_5_vl import config as config_lib  # noqa: E402
 from starflow2_jax.models.qwen2_5_vl import generate as generate_lib  # noqa: E402
 from starflow2_jax.models.qwen2_5_vl import model as model_lib  # noqa: E402
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib  # noqa: E402
 from starflow2_jax.models.qwen2_5_vl import vision as vision_lib  # noqa: E402
 
 try:

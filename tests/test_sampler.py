@@ -13,11 +13,11 @@ import pytest
 
 from helpers import max_abs_diff, random_params
 from tolerance import assert_float32_close
+from data_pipelines import examples as layout_lib
+from data_pipelines import mrope_positions as positions_lib
 from starflow2_jax.flows import affine
 from starflow2_jax.models import pretzel
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
 from starflow2_jax.sampling import interleaved as sampler
-from starflow2_jax.training import interleaved as layout_lib
 from test_pretzel import (D, GRID, IMAGE_PAD, N, VISION_END, VISION_START, full_args, sequence,
                           tiny_config)
 

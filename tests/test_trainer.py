@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import fashion_mnist
-from data_pipelines import testing
+from demos import fashion_mnist
+import fake_data as testing
 from experiments import fashion_mnist as fashion_mnist_experiment
 from starflow2_jax import sharding
 from starflow2_jax.training import checkpointing
@@ -97,7 +97,8 @@ def _train_steps(config, mesh, batches, initial_state=None):
       initial_state = _host(state)
     else:
       state = jax.device_put(initial_state, shardings)
-    step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed),
+    step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed,
+                                           config.optimizer.trainable),
                    in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
                    out_shardings=(shardings, sharding.replicated(mesh)))
     metrics = []
@@ -278,7 +279,24 @@ def test_sigterm_saves_and_stops(records_dir, uninterrupted, tmp_path, monkeypat
 # d. Frozen parameters.
 # ---------------------------------------------------------------------------------------
 
-def _check_frozen(initial_params, final_state):
+def _step_gradients(config, state, batch):
+  """The gradient that the trainer's step (as `trainer.train` builds it, with
+  `config.optimizer.trainable`) takes at `state`: of the task's loss through
+  `trainer.frozen_without_gradient`, with that step's rng. On the host."""
+  task = tasks.build_task(config)
+  trainable = config.optimizer.trainable
+
+  def loss(params, batch, step):
+    rng = jax.random.fold_in(jax.random.key(config.seed), step)
+    return task.loss(trainer.frozen_without_gradient(params, trainable), batch, rng)[0]
+
+  return _host(jax.jit(jax.grad(loss))(state.params, batch, state.step))
+
+
+def _check_frozen(config, batch, initial_params, final_state):
+  """Frozen leaves stay bitwise and get exactly zero gradient; every trainable (flow/deep)
+  leaf gets a non-zero one (AdamW's weight decay moves trainable leaves without any
+  gradient, so "they changed" alone would prove nothing)."""
   params = _host(final_state.params)
   assert "deep" in params["flow"]            # the pattern below names a real subtree
   changed, frozen = 0, 0
@@ -291,6 +309,17 @@ def _check_frozen(initial_params, final_state):
       frozen += 1
       assert helpers.bits(after) == helpers.bits(before), name
   assert frozen > 10 and changed > 10
+
+  # The gradient at the final parameters, on the last batch. (At a fresh start the deep
+  # block's zero-initialised head gives every deep leaf upstream of it an exactly zero
+  # gradient; after a step the head is non-zero and every trainable leaf has one.)
+  grads = _step_gradients(config, final_state, batch)
+  for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    name = optimizer_lib.path_name(path)
+    if name.startswith("flow/deep/"):
+      assert np.any(grad != 0), f"trainable {name} has no gradient"
+    else:
+      assert not np.any(grad), f"frozen {name} has a gradient"
 
   # No optimizer moments for frozen parameters: every array in the optimizer state is a
   # scalar (step counts) or a moment of a flow/deep parameter.
@@ -310,13 +339,13 @@ def test_frozen_parameters_stay_bitwise_in_sharded_training(records_dir):
   batches = _first_batches(config, tasks.build_task(config), 2)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   initial_state, state, _ = _train_steps(config, mesh, batches)
-  _check_frozen(initial_state.params, state)
+  _check_frozen(config, batches[-1], initial_state.params, state)
 
 
 def test_optimizer_freezes_parameters(meshes):
-  """The optimizer alone (no mesh, no shardings): what the trainer's step does with a
-  trainable set, checked without the sharded state. Starts
-  from the freshly initialised parameters of the mesh runs."""
+  """The optimizer alone (no mesh, no shardings): its step differentiates every parameter
+  (no `trainable` given), so only the optimizer's trainable set keeps the frozen ones
+  bitwise. Starts from the freshly initialised parameters of the mesh runs."""
   config, batches, initial_state, _ = meshes
   initial_params = initial_state.params
   config = config.copy_and_resolve_references()
@@ -329,4 +358,4 @@ def test_optimizer_freezes_parameters(meshes):
   step = jax.jit(trainer.make_train_step(task, optimizer, schedule, config.seed))
   for batch in batches[:2]:
     state, _ = step(state, batch)
-  _check_frozen(initial_params, state)
+  _check_frozen(config, batches[1], initial_params, state)

@@ -6,6 +6,7 @@ import jax
 
 from starflow2_jax import image_io
 from starflow2_jax import sharding
+from starflow2_jax.sampling import prompts
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import trainer
 
@@ -14,7 +15,7 @@ def evaluate_workdir(config, workdir):
   """The task's held-out metrics (e.g. pixel bits/dim) at the latest checkpoint."""
   task, params, step = trainer.restore_params(config, workdir)
   mesh, rules = sharding.mesh_and_rules(config.mesh)
-  data_dir = data_lib.prepare_data_dir(config, workdir)
+  data_dir = data_lib.records_dir(config, workdir)
   with jax.set_mesh(mesh):
     result = trainer.evaluate(jax.jit(task.eval_metrics), params,
                               data_lib.eval_batches(config, task, data_dir), mesh, rules,
@@ -38,7 +39,6 @@ def sample_prompts_workdir(config, workdir, prompt_texts, out=None, guidance_wei
                            max_new=None):
   """Continues each prompt (`sampling.prompts.parse_prompt` syntax) with a trained Pretzel
   workdir; writes `<out>/index.html` with the images. Returns (results, page path)."""
-  from starflow2_jax.sampling import prompts
   task, params, step = trainer.restore_params(config, workdir)
   overrides = {}
   if guidance_weight is not None:
@@ -46,6 +46,6 @@ def sample_prompts_workdir(config, workdir, prompt_texts, out=None, guidance_wei
   if max_new is not None:
     overrides["max_new"] = max_new
   parsed = [prompts.parse_prompt(p, task.layout.image_shape) for p in prompt_texts]
-  results = task.generator(**overrides).generate(params, parsed, jax.random.key(config.seed + 4))
+  results = prompts.generator_for(task, **overrides).generate(params, parsed, jax.random.key(config.seed + 4))
   out = out or os.path.join(workdir, f"samples_step_{step}")
   return results, prompts.write_html(results, out, f"STARFlow2 samples, step {step}")

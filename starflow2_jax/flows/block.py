@@ -5,6 +5,10 @@ context whose last position plays the start's role) followed by the block's own 
 shifted by one, and predicts a Gaussian (mean, scale) for every element from what precedes
 it. Forward (data -> noise) is one parallel call; the inverse is a KV-cached loop in
 `flows.decode`. `reverse=True` scans the sequence right to left.
+
+The Pretzel's deep stream is this block too: it reads an interleaved sequence whose context
+positions carry the VLM's hidden states and whose element positions carry u
+(`embed_sequence`), through the same Transformer and head (`transform`, `head_gaussians`).
 """
 
 from typing import NamedTuple, Optional
@@ -85,14 +89,30 @@ class AffineFlowBlock(nn.Module):
     """P_u(u) (+ noise embedding) for elements that the Transformer reads."""
     return self._add_noise_embedding(self.input_proj(u_bnd.astype(self.dtype)), t_b)
 
+  def embed_sequence(self, context_btc, u_btd, is_element_bt, t_b=None, element_skip_btw=None):
+    """One interleaved sequence's tokens: P_c(context) at context positions, P_u(u) (plus
+    `element_skip_btw`, e.g. the Pretzel's W_v h^V) at element positions, + noise embedding."""
+    elements_btw = self.input_proj(u_btd.astype(self.dtype))
+    if element_skip_btw is not None:
+      elements_btw = elements_btw + element_skip_btw.astype(self.dtype)
+    tokens_btw = jnp.where(is_element_bt[..., None], elements_btw, self.context_proj(context_btc))
+    return self._add_noise_embedding(tokens_btw, t_b)
+
   # ---- prediction -------------------------------------------------------------------
+
+  def transform(self, tokens_btw, positions, valid_bt, cache=None):
+    """The causal Transformer over tokens: (hidden [B, T, W], cache)."""
+    return self.backbone(tokens_btw, positions, valid_bt, cache)
+
+  def head_gaussians(self, hidden_btw):
+    """(mean, log_s) [B, T, D] in float32 of the element after each position (Head_F)."""
+    mean, raw_scale = jnp.split(self.head(hidden_btw).astype(jnp.float32), 2, axis=-1)
+    return mean, affine.log_scale(raw_scale, self.scale)
 
   def predict(self, tokens_btw, positions_bt, valid_bt, cache=None):
     """Runs the Transformer; returns ((mean, log_s) per position, in float32, and the cache)."""
-    hidden, cache = self.backbone(tokens_btw, positions_bt, valid_bt, cache)
-    raw = self.head(hidden).astype(jnp.float32)
-    mean, raw_scale = jnp.split(raw, 2, axis=-1)
-    return (mean, affine.log_scale(raw_scale, self.scale)), cache
+    hidden, cache = self.transform(tokens_btw, positions_bt, valid_bt, cache)
+    return self.head_gaussians(hidden), cache
 
   def gaussians(self, u_bnd, t_b=None, context_blc=None, context_valid_bl=None):
     """(mean, log_s) [B, N, D] for every element of u (in scan order), one parallel call."""

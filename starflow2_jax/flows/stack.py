@@ -48,6 +48,15 @@ def deep_block(config: FlowConfig, dtype=jnp.float32, param_dtype=jnp.float32):
       noise_conditioning=config.noise_conditioning, dtype=dtype, param_dtype=param_dtype)
 
 
+def run_shallow(blocks, x_bnd, t_b=None):
+  """x -> u through `blocks` (the shallow blocks, in order); returns (u, Σ log-dets [B])."""
+  log_det_b = jnp.zeros(x_bnd.shape[:1], jnp.float32)
+  for block in blocks:
+    x_bnd, block_log_det_b = block(x_bnd, t_b)
+    log_det_b = log_det_b + block_log_det_b
+  return x_bnd, log_det_b
+
+
 class DeepShallowFlow(nn.Module):
   config: FlowConfig
   dtype: jnp.dtype = jnp.float32
@@ -61,11 +70,7 @@ class DeepShallowFlow(nn.Module):
 
   def encode_shallow(self, x_bnd, t_b=None):
     """x -> u through the shallow blocks; returns (u, Σ log-dets)."""
-    log_det = jnp.zeros(x_bnd.shape[:1], jnp.float32)
-    for block in self.shallow:
-      x_bnd, block_log_det = block(x_bnd, t_b)
-      log_det = log_det + block_log_det
-    return x_bnd, log_det
+    return run_shallow(self.shallow, x_bnd, t_b)
 
   def __call__(self, x_bnd, t_b=None, context_blc=None, context_valid_bl=None):
     u, log_det_shallow = self.encode_shallow(x_bnd, t_b)

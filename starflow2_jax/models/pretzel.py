@@ -15,7 +15,9 @@ sequence. Parameter names, which the stages' trainable patterns select:
   vlm/…          the Qwen2.5-VL text decoder (frozen: its parameters' gradients are stopped)
   adapter/…      u -> VLM input embedding
   shallow_{k}/…  the shallow flow blocks
-  flow/…         P_c (p_c), P_u (p_u), the noise embedding, the deep Transformer, Head_F (head)
+  flow/…         the deep stream, a `flows.block.AffineFlowBlock` reading the VLM's width:
+                 P_c (context_proj), P_u (input_proj), the noise embedding, the deep
+                 Transformer (backbone), Head_F (head)
   w_v, w_t       the zero-initialised vertical skips (present when `config.skips`)
 """
 
@@ -30,11 +32,8 @@ import jax.numpy as jnp
 from starflow2_jax.flows import affine
 from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import stack
-from starflow2_jax.layers import embeddings
 from starflow2_jax.layers import kv_cache as kv_cache_lib
-from starflow2_jax.layers import linear
 from starflow2_jax.layers import rotary
-from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import adapter as adapter_lib
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
 from starflow2_jax.models.qwen2_5_vl import text as text_lib
@@ -45,7 +44,7 @@ class PretzelConfig:
   """Attributes:
     vlm: the Qwen2.5-VL text decoder's numbers.
     flow: latent_dim D, the deep and shallow Transformers, the number of shallow blocks, the
-      scale function and noise conditioning (`flow.context_dim` is unused: P_c reads h^V).
+      scale function and noise conditioning (`flow.context_dim` is ignored: P_c reads h^V, of the VLM's width).
     adapter_hidden: the adapter MLP's hidden width.
     skips: build W_v and W_t (stage 3); without them the model is that of stages 1–2.
     freeze_vlm: stop gradients into the VLM's parameters.
@@ -160,43 +159,6 @@ def predictions_for_elements(x_btd, image_positions_bmn, valid_bt):
   return elements_at(x_btd, sources_bk.reshape(b, m, n))
 
 
-class FlowStream(nn.Module):
-  """The deep TARFlow stream: inputs P_c / P_u (+ noise embedding), Deep, Head_F."""
-  config: stack.FlowConfig
-  dtype: jnp.dtype = jnp.float32
-  param_dtype: jnp.dtype = jnp.float32
-
-  def setup(self):
-    cfg, width = self.config, self.config.deep.width
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.p_c = linear.dense(width, ("context", "embed"), "p_c", **kw)
-    self.p_u = linear.dense(width, ("latent", "embed"), "p_u", **kw)
-    if cfg.noise_conditioning:
-      self.noise_embed = embeddings.NoiseLevelEmbedding(width, **kw)
-    self.backbone = transformer_lib.Transformer(cfg.deep, **kw)
-    # Zero-init head: a fresh stream predicts mean 0, scale 1 (the identity flow).
-    self.head = linear.dense(2 * cfg.latent_dim, ("embed", "latent"), "head", zero=True,
-                                  **kw)
-
-  def inputs(self, h_vlm_btc, u_btd, is_visual_bt, t_b, visual_skip_btw=None):
-    """e^F: P_c(h^V) at text positions, P_u(u) (+ W_v h^V) at visual ones, + MLP(log t)."""
-    visual_btw = self.p_u(u_btd.astype(self.dtype))
-    if visual_skip_btw is not None:
-      visual_btw = visual_btw + visual_skip_btw.astype(self.dtype)
-    e_btw = jnp.where(is_visual_bt[..., None], visual_btw, self.p_c(h_vlm_btc))
-    if self.config.noise_conditioning:
-      e_btw = e_btw + self.noise_embed(t_b)[:, None, :].astype(e_btw.dtype)
-    return e_btw
-
-  def __call__(self, e_btw, positions_3bt, valid_bt, cache=None):
-    return self.backbone(e_btw, positions_3bt, valid_bt, cache)
-
-  def gaussians(self, g_btw):
-    """(μ, log s) [B, T, D] in float32 of the element after each position."""
-    mean, raw_scale = jnp.split(self.head(g_btw).astype(jnp.float32), 2, axis=-1)
-    return mean, affine.log_scale(raw_scale, self.config.scale)
-
-
 class Pretzel(nn.Module):
   """Methods (`model.apply(variables, …, method=…)`):
     encode_images(x_bmnd, t_b)                    -> (u, Σ shallow log-dets [B, M])
@@ -222,7 +184,9 @@ class Pretzel(nn.Module):
     self.adapter = adapter_lib.Adapter(cfg.vlm.hidden_size, cfg.adapter_hidden, **kw)
     self.shallow = [stack.shallow_block(cfg.flow, k, **kw).clone(name=f"shallow_{k}")
                     for k in range(cfg.flow.num_shallow_blocks)]
-    self.flow = FlowStream(cfg.flow, **kw)
+    # The deep stream: the flow core's block, its context being h^V (P_c: H_vlm -> H_flow).
+    deep = dataclasses.replace(cfg.flow, context_dim=cfg.vlm.hidden_size)
+    self.flow = stack.deep_block(deep, **kw).clone(name="flow")
     if cfg.skips:
       skip = lambda features, axes: nn.Dense(
           features, use_bias=False, kernel_init=nn.with_logical_partitioning(
@@ -233,13 +197,9 @@ class Pretzel(nn.Module):
   def encode_images(self, x_bmnd, t_b=None):
     """x -> u through the shallow blocks, each image on its own; (u, log-dets [B, M])."""
     b, m, n, d = x_bmnd.shape
-    x_knd = x_bmnd.reshape(b * m, n, d)
     t_k = None if t_b is None else jnp.repeat(t_b, m)
-    log_det_k = jnp.zeros((b * m,), jnp.float32)
-    for block in self.shallow:
-      x_knd, block_log_det = block(x_knd, t_k)
-      log_det_k = log_det_k + block_log_det
-    return x_knd.reshape(b, m, n, d), log_det_k.reshape(b, m)
+    u_knd, log_det_k = stack.run_shallow(self.shallow, x_bmnd.reshape(b * m, n, d), t_k)
+    return u_knd.reshape(b, m, n, d), log_det_k.reshape(b, m)
 
   def vlm_stream(self, ids_bt, u_btd, is_visual_bt, positions_3bt, valid_bt, t_b, cache=None):
     """h^V: the VLM over token embeddings and Adapter(u, t) at visual positions."""
@@ -256,9 +216,9 @@ class Pretzel(nn.Module):
     h_vlm_btc, vlm_cache = self.vlm_stream(ids_bt, vlm_u_btd, is_visual_bt, positions_3bt,
                                            valid_bt, t_b, None if cache is None else cache.vlm)
     skip_btw = self.w_v(h_vlm_btc) if self.config.skips else None
-    e_flow_btw = self.flow.inputs(h_vlm_btc, u_btd, is_visual_bt, t_b, skip_btw)
-    g_btw, flow_cache = self.flow(e_flow_btw, positions_3bt, valid_bt,
-                                  None if cache is None else cache.flow)
+    e_flow_btw = self.flow.embed_sequence(h_vlm_btc, u_btd, is_visual_bt, t_b, skip_btw)
+    g_btw, flow_cache = self.flow.transform(e_flow_btw, positions_3bt, valid_bt,
+                                            None if cache is None else cache.flow)
     new_cache = None if cache is None else PretzelCache(vlm_cache, flow_cache)
     return Streams(h_vlm_btc, g_btw, new_cache)
 
@@ -269,7 +229,7 @@ class Pretzel(nn.Module):
     return self.vlm.logits(h_vlm_btc)
 
   def gaussians(self, g_btw):
-    return self.flow.gaussians(g_btw)
+    return self.flow.head_gaussians(g_btw)
 
   def language_model(self, ids_bt, positions_3bt, valid_bt):
     """The VLM stream alone on text: its logits [B, T, V] (stage 0 pretrains it this way)."""

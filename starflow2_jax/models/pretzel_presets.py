@@ -7,14 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from starflow2_jax import tree_paths
 from starflow2_jax.flows import stack
 from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import pretzel
+from starflow2_jax.models import stages
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
-from starflow2_jax.training import optimizer as optimizer_lib
-
-# The stage-3 trainable set (as in training.pretzel_stages.STAGES[3]).
-TRAINABLE = (r"flow/.*", r"shallow_\d+/.*", r"adapter/.*", r"w_v/.*", r"w_t/.*")
 
 
 def paper_config():
@@ -46,12 +44,13 @@ def abstract_params(config, grid=(2, 2)):
                       boxed, is_leaf=lambda b: hasattr(b, "unbox"))
 
 
-def param_counts(config, trainable=TRAINABLE):
-  """{part: parameter count} for the top-level parts, plus trainable / vlm / total."""
+def param_counts(config, trainable=stages.STAGES[3].trainable):
+  """{part: parameter count} for the top-level parts, plus trainable (stage 3's set by
+  default) and total."""
   params = abstract_params(config)
   size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   counts = {name: size(sub) for name, sub in params.items()}
-  labels = jax.tree.leaves(optimizer_lib.trainable_labels(params, trainable))
+  labels = jax.tree.leaves(tree_paths.trainable_labels(params, trainable))
   counts["trainable"] = int(sum(np.prod(x.shape) for x, label in
                                 zip(jax.tree.leaves(params), labels) if label == "train"))
   counts["total"] = size(params)

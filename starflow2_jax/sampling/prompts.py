@@ -5,12 +5,18 @@ understanding or editing) and, last, optionally `DRAW` (open an image span: the 
 an image at once). `generate` lays prompts out like training sequences, runs the one sampler
 (`sampling/interleaved.py`), turns the generated u back into pixels and returns each row as
 segments again: generated text as strings, generated images as uint8 arrays.
+
+The noise level of a sequence follows one rule (`noise_level_for`): prompts that only ask
+about input images (understanding) run at `noise.t_min`, where the input images are clearest;
+anything that may draw runs at the generation level `sample.noise_level` (default t_max).
+`draw_captions` and `answer` are the two everyday uses (the trainer's grids, the demos).
 """
 
 import dataclasses
 import html
 import os
 import re
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +24,10 @@ import numpy as np
 
 from PIL import Image
 
+from data_pipelines import examples
 from starflow2_jax import image_io
 from starflow2_jax.flows import noise
 from starflow2_jax.sampling import interleaved as sampler
-from starflow2_jax.training import interleaved as layout_lib
 
 DRAW = "<draw>"
 _MARKER = re.compile(r"<image:([^>]+)>|<draw>")
@@ -55,6 +61,26 @@ def parse_prompt(text, image_shape):
   return segments
 
 
+def generation_noise_level(config):
+  """t of sequences that may draw: `sample.noise_level`, by default the largest training t."""
+  return config.sample.get("noise_level", config.noise.t_max)
+
+
+def is_understanding(prompt):
+  """Whether a prompt only asks about its input images: it has one and does not end in DRAW."""
+  draws = isinstance(prompt[-1], str) and prompt[-1] == DRAW
+  return not draws and any(not isinstance(segment, str) for segment in prompt)
+
+
+def noise_level_for(config, prompts, generation_level=None):
+  """The one rule for a batch's noise level: `noise.t_min` when every prompt is an
+  understanding prompt (its input images are read at their clearest), else the generation
+  level (`generation_noise_level`, or `generation_level` when given)."""
+  if all(is_understanding(p) for p in prompts):
+    return config.noise.t_min
+  return generation_noise_level(config) if generation_level is None else generation_level
+
+
 def sampler_spec(task, **overrides):
   """The task's `SamplerSpec` from `config.sample`, with keyword overrides."""
   lay, s = task.layout, task.config.sample
@@ -62,7 +88,7 @@ def sampler_spec(task, **overrides):
       grid=tuple(lay.grid), vision_start_id=lay.vision_start_id, vision_end_id=lay.vision_end_id,
       image_pad_id=lay.image_pad_id, pad_id=lay.pad_id,
       stop_ids=tuple(task.tokenizer.ids(" ".join(s.stop_words))) if s.get("stop_words") else (),
-      max_new=s.max_new, noise_level=s.get("noise_level", task.config.noise.t_max),
+      max_new=s.max_new, noise_level=generation_noise_level(task.config),
       text_temperature=s.text_temperature, image_temperature=s.temperature,
       guidance_weight=s.guidance_weight)
   fields.update(overrides)
@@ -74,7 +100,7 @@ def prompt_arrays(task, prompts, rng, noise_level):
   lay = task.layout
   rows = []
   for i, prompt in enumerate(prompts):
-    builder = layout_lib.SequenceBuilder(lay)
+    builder = examples.SequenceBuilder(lay)
     for k, segment in enumerate(prompt):
       if isinstance(segment, str) and segment == DRAW:
         if k != len(prompt) - 1:
@@ -138,25 +164,40 @@ def _segments(task, ids, is_visual, keep, images):
 
 
 class Generator:
-  """Compiled sampling for one task: `generate(params, prompts, rng) -> [Result]`."""
+  """Compiled sampling for one task: `generate(params, prompts, rng) -> [Result]`.
+
+  One compilation per noise level the batches need (`noise_level_for`)."""
 
   def __init__(self, task, **spec_overrides):
     self.task = task
     self.spec = sampler_spec(task, **spec_overrides)
-    self._generate = sampler.make_generate(task.model, self.spec)
-    self._images = jax.jit(lambda params, seq, spans, t_min, steps: sampler.images_of(
-        task.model, params, seq, spans, self.spec, t_min, steps), static_argnums=(4,))
+    self._compiled = {}
+
+  def spec_for(self, prompts):
+    """The spec of a batch: this generator's, at the batch's noise level."""
+    level = noise_level_for(self.task.config, prompts, self.spec.noise_level)
+    return dataclasses.replace(self.spec, noise_level=level)
+
+  def _functions(self, spec):
+    if spec not in self._compiled:
+      model = self.task.model
+      images = jax.jit(lambda params, seq, spans, t_min, steps: sampler.images_of(
+          model, params, seq, spans, spec, t_min, steps), static_argnums=(4,))
+      self._compiled[spec] = (sampler.make_generate(model, spec), images)
+    return self._compiled[spec]
 
   def generate(self, params, prompts, rng, denoise_steps=None):
-    task, spec = self.task, self.spec
+    task = self.task
+    spec = self.spec_for(prompts)
+    generate_fn, images_fn = self._functions(spec)
     rng_prompt, rng_sample = jax.random.split(rng)
     batch, x = prompt_arrays(task, prompts, rng_prompt, spec.noise_level)
-    seq = self._generate(params, batch, x, rng_sample)
+    seq = generate_fn(params, batch, x, rng_sample)
     spans = sampler.image_spans(seq, spec.num_elements)
     steps = task.config.sample.denoise_steps if denoise_steps is None else denoise_steps
     pixels = np.zeros(spans.valid.shape + tuple(task.layout.image_shape), np.uint8)
     if np.any(spans.valid & spans.generated):
-      x_all = self._images(params, seq, spans, task.config.noise.t_min, steps)
+      x_all = images_fn(params, seq, spans, task.config.noise.t_min, steps)
       b, m = x_all.shape[:2]
       decoded = task.latent.decode(x_all.reshape((b * m,) + x_all.shape[2:]))
       pixels = np.asarray(decoded).reshape(pixels.shape)
@@ -169,6 +210,32 @@ class Generator:
       results.append(Result(list(prompt), _segments(task, ids[b], is_visual[b], generated[b],
                                                     made)))
     return results
+
+
+_GENERATORS = weakref.WeakKeyDictionary()
+
+
+def generator_for(task, **spec_overrides):
+  """A `Generator` for `task`, cached per task and spec overrides (compiling is slow)."""
+  cache = _GENERATORS.setdefault(task, {})
+  key = tuple(sorted(spec_overrides.items()))
+  if key not in cache:
+    cache[key] = Generator(task, **spec_overrides)
+  return cache[key]
+
+
+def draw_captions(task, params, captions, rng, guidance_weight=None):
+  """uint8 images [B, H, W, C], one drawn for each caption (`caption <draw>`)."""
+  gen = generator_for(task, guidance_weight=guidance_weight,
+                      max_new=task.layout.num_elements + 1)
+  results = gen.generate(params, [[c, DRAW] for c in captions], rng)
+  return np.stack([r.images[0] for r in results])
+
+
+def answer(task, params, images, question, rng):
+  """Greedy text answers to `question` about each uint8 image (an understanding batch)."""
+  gen = generator_for(task, guidance_weight=None, text_temperature=0.0)
+  return [r.text for r in gen.generate(params, [[image, question] for image in images], rng)]
 
 
 def write_html(results, out_dir, title="STARFlow2 samples"):

@@ -1,8 +1,8 @@
 """The caption-to-image task: what the generic trainer needs to train a `CaptionToImageFlow`.
 
-A task owns the model, its loss, its held-out metrics and its samples; the trainer owns
-everything else (mesh, state, data order, checkpoints, logging). Later STARFlow2 stages are
-other tasks on the same trainer.
+A task owns the model, its loss and its held-out metrics (the `tasks.Task` protocol); the
+trainer owns everything else (mesh, state, data order, checkpoints, logging), and drawing
+images is `sampling/`'s job.
 """
 
 import functools
@@ -11,46 +11,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import pipeline
+from data_pipelines import examples
 from data_pipelines import text as text_lib
-from starflow2_jax import image_io
 from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import noise
 from starflow2_jax.flows import stack
-from starflow2_jax.latents import patch
-from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import caption_flow
 from starflow2_jax.sampling import caption_to_image as sampler
-
-
-def transformer_config(cfg, remat=False):
-  return transformer_lib.TransformerConfig(
-      width=cfg.width, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-      mlp_ratio=cfg.mlp_ratio, remat=remat)
-
-
-def build_latent(config):
-  if config.latent.name != "patch":
-    raise ValueError(f"config.latent.name={config.latent.name!r}: only 'patch' exists so far")
-  return patch.PatchLatent(tuple(config.data.image_size), config.data.channels,
-                           config.latent.patch_size)
+from starflow2_jax.sampling import grids
+from starflow2_jax.training import builders
+from starflow2_jax.training import losses
 
 
 def build_model(config, latent):
   m = config.model
   flow = stack.FlowConfig(
       latent_dim=latent.token_dim,
-      deep=transformer_config(m.deep, m.remat),
-      shallow=transformer_config(m.shallow, m.remat),
+      deep=builders.transformer_config(m.deep, m.remat),
+      shallow=builders.transformer_config(m.shallow, m.remat),
       num_shallow_blocks=m.num_shallow_blocks,
       context_dim=m.caption_width, scale=m.scale, noise_conditioning=m.noise_conditioning)
   model_cfg = caption_flow.CaptionFlowConfig(flow, m.vocab_size, config.data.max_caption_len)
   return caption_flow.CaptionToImageFlow(model_cfg, dtype=jnp.dtype(m.dtype))
-
-
-def uniform_dequantize(rng, x_bnd):
-  """Spreads each 8-bit bin centre uniformly over its bin (width 2/256)."""
-  return x_bnd + jax.random.uniform(rng, x_bnd.shape, jnp.float32, -1 / 256, 1 / 256)
 
 
 class CaptionToImageTask:
@@ -58,7 +40,7 @@ class CaptionToImageTask:
 
   def __init__(self, config):
     self.config = config
-    self.latent = build_latent(config)
+    self.latent = builders.build_latent(config)
     self.model = build_model(config, self.latent)
     self.tokenizer = text_lib.build_tokenizer(config.data)
     if self.tokenizer.vocab_size > config.model.vocab_size:
@@ -75,7 +57,7 @@ class CaptionToImageTask:
   def example_transform(self):
     """Record -> {"image", "caption_ids", "caption_mask", "label"} for the Grain pipeline."""
     h, w = self.config.data.image_size
-    return pipeline.CaptionImageExample((h, w, self.config.data.channels),
+    return examples.CaptionImageExample((h, w, self.config.data.channels),
                                         self.config.data.max_caption_len, self.tokenizer)
 
   @property
@@ -108,19 +90,16 @@ class CaptionToImageTask:
   def loss(self, params, batch, rng):
     """Multi-noise flow NLL, weighted per example, with caption dropout for CFG."""
     cfg = self.config
-    rng_deq, rng_t, rng_eps, rng_drop = jax.random.split(rng, 4)
-    x = uniform_dequantize(rng_deq, self.latent.encode(batch["image"]))
-    batch_size = x.shape[0]
-    t = noise.sample_noise_levels(rng_t, batch_size, cfg.noise.t_min, cfg.noise.t_max)
-    keep = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (batch_size,))
-    nll = self.nll(params, noise.add_noise(rng_eps, x, t), t, batch, keep)
+    x, t, rng_drop = losses.noisy_latents(rng, self.latent.encode(batch["image"]), cfg.noise)
+    keep = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (x.shape[0],))
+    nll = self.nll(params, x, t, batch, keep)
     loss = jnp.mean(noise.loss_weights(t, cfg.noise.loss_weighting) * nll)
     return loss, {"loss": loss, "nll": jnp.mean(nll)}
 
   def eval_metrics(self, params, batch, rng):
     """Held-out NLL: a variational bound on the 8-bit data (uniform dequantisation), with
     the model conditioned on the smallest noise level `eval.noise_level`."""
-    x = uniform_dequantize(rng, self.latent.encode(batch["image"]))
+    x = losses.uniform_dequantize(rng, self.latent.encode(batch["image"]))
     t = jnp.full((x.shape[0],), self.config.eval.noise_level, jnp.float32)
     nll = jnp.mean(self.nll(params, x, t, batch))
     return {"nll": nll, "pixel_bpd": likelihood.pixel_bits_per_dim(nll)}
@@ -146,20 +125,8 @@ class CaptionToImageTask:
                                   guidance_weight, s.temperature, s.denoise_steps))
 
   def sample_grid(self, params, rng):
-    return caption_grid(self, params, rng)
+    return grids.caption_grid(self.sample_captions, self.config.sample, params, rng)
 
-
-def caption_grid(task, params, rng):
-  """One row per caption of `sample.captions`: `per_class` plain samples, then as many guided
-  ones, by `task.sample_captions`. Returns (grid uint8 [H, W, C], plain images, guided
-  images, labels)."""
-  s = task.config.sample
-  captions = [c for c in s.captions for _ in range(s.per_class)]
-  labels = np.repeat(np.arange(len(s.captions)), s.per_class)
-  rng_plain, rng_guided = jax.random.split(rng)
-  plain = task.sample_captions(params, captions, rng_plain)
-  guided = task.sample_captions(params, captions, rng_guided, s.guidance_weight)
-  rows = len(s.captions)
-  grid = np.concatenate([plain.reshape(rows, s.per_class, *plain.shape[1:]),
-                         guided.reshape(rows, s.per_class, *guided.shape[1:])], axis=1)
-  return image_io.image_grid(grid), plain, guided, labels
+  def warm_start(self, params):
+    """The baseline always starts fresh (resume is the trainer's job)."""
+    return params

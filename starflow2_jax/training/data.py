@@ -1,40 +1,36 @@
 """From the config's `data` section to per-process batches (numpy) for the trainer.
 
-Record writing, the record format and the Grain pipeline live in `data_pipelines/`; this
-module only chooses files, seeds and this process's share.
+The record format and the Grain pipeline live in `data_pipelines/`, and records are written
+by `starflow2 prepare-data` alone; this module only chooses files, seeds and this process's
+share.
 """
 
-import logging
 import os
+import shlex
 
 import jax
 
-from data_pipelines import fashion_mnist
-from data_pipelines import fashion_mnist_stages
 from data_pipelines import pipeline
 from data_pipelines import writers
 
-# How to create missing records, by `config.data.source`.
-RECORD_SOURCES = {
-    "fashion_mnist": lambda cfg, out_dir: fashion_mnist.write_fashion_mnist(cfg.source_dir, out_dir),
-    "fashion_mnist_stages": lambda cfg, out_dir: fashion_mnist_stages.write_stage_records(
-        cfg.source_dir, out_dir),
-}
 
-
-def prepare_data_dir(config, workdir):
-  """The records directory; writes the records first if it holds none for the train split."""
+def records_dir(config, workdir):
+  """The records directory of `config.data` (`dir`, or `<workdir>/data`), checked to hold the
+  train and test splits. Training never writes records: when they are missing the error says
+  which `starflow2 prepare-data` command creates them."""
   cfg = config.data
   data_dir = cfg.dir or os.path.join(workdir, "data")
-  try:
-    writers.find_split_files(data_dir, cfg.train_split)
-    return data_dir
-  except FileNotFoundError:
-    if cfg.source not in RECORD_SOURCES:
-      raise
-  if jax.process_index() == 0:
-    logging.info("writing %s records to %s", cfg.source, data_dir)
-    RECORD_SOURCES[cfg.source](cfg, data_dir)
+  for split in (cfg.train_split, cfg.test_split):
+    try:
+      writers.find_split_files(data_dir, split)
+    except FileNotFoundError as e:
+      command = ["starflow2", "prepare-data", f"--source={cfg.get('source', 'SOURCE')}",
+                 f"--out={data_dir}"]
+      if cfg.get("source_dir"):
+        command.append(f"--source_dir={cfg.source_dir}")
+      raise FileNotFoundError(
+          f"{e}\nconfig.data names records that do not exist yet; create them with:\n  "
+          f"{shlex.join(command)}") from None
   return data_dir
 
 

@@ -5,10 +5,9 @@ Which parameters train is data: regular expressions over '/'-joined parameter pa
 they cost no optimizer memory and stay bit-identical.
 """
 
-import re
-
-import jax
 import optax
+
+from starflow2_jax.tree_paths import path_name, trainable_labels  # noqa: F401  (the trainable set)
 
 
 def learning_rate_schedule(cfg, total_steps):
@@ -16,25 +15,6 @@ def learning_rate_schedule(cfg, total_steps):
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=cfg.min_learning_rate)
-
-
-def path_name(path):
-  """'a/b/c' for a pytree key path (boxed params included)."""
-  parts = []
-  for key in path:
-    name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
-    if name is not None and name != "value":
-      parts.append(str(name))
-  return "/".join(parts)
-
-
-def trainable_labels(params, patterns):
-  """'train' for parameters whose path fully matches one of `patterns`, else 'freeze'."""
-  compiled = [re.compile(p) for p in patterns]
-  def label(path, _):
-    name = path_name(path)
-    return "train" if any(p.fullmatch(name) for p in compiled) else "freeze"
-  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg, total_steps):

@@ -5,6 +5,8 @@
 Resume is exact: the batch at step k comes from the checkpointed iterator position and the
 step's randomness is fold_in(seed, k), so a run stopped and resumed ends bit-identical to an
 uninterrupted one. SIGTERM saves a checkpoint and returns; the last step is always saved.
+A step with a non-finite loss or gradient changes nothing but the step counter; too many in
+a row save the (last good) state and return, as SIGTERM does.
 """
 
 import json
@@ -78,6 +80,52 @@ class _StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonfiniteSteps:
+  """Counts the steps the train step skipped for a non-finite loss or gradient, in all and
+  in a row (in this call of `train`); `limit` in a row stop the run (0: never)."""
+
+  def __init__(self, limit):
+    self.limit, self.total, self.in_a_row = limit, 0, 0
+
+  def skipped(self, step, flag, step_metrics):
+    """Whether `step` was skipped, from its `nonfinite` flag (a host sync); warns if so."""
+    if not float(flag):
+      self.in_a_row = 0
+      return False
+    self.total += 1
+    self.in_a_row += 1
+    logging.warning("step %d skipped: non-finite loss (%s) or gradient norm (%s); %d in a row, "
+                    "%d in all", step, float(step_metrics.get("loss", float("nan"))),
+                    float(step_metrics["grad_norm"]), self.in_a_row, self.total)
+    return True
+
+  @property
+  def limit_reached(self):
+    return self.limit > 0 and self.in_a_row >= self.limit
+
+
+def stop_reason(stop, deadline, nonfinite):
+  """Why the loop stops after this step ("nonfinite", "sigterm", "time_limit"), or None."""
+  if nonfinite.limit_reached:
+    return "nonfinite"
+  if stop.requested:
+    return "sigterm"
+  if deadline is not None and time.time() > deadline:
+    return "time_limit"
+  return None
+
+
+def log_stop(step, reason, nonfinite):
+  """A warning for a requested stop; an error for one forced by non-finite steps."""
+  if reason != "nonfinite":
+    logging.warning("stopping at step %d (%s)", step, reason)
+    return
+  logging.error("stopping at step %d: %d steps in a row had a non-finite loss or gradient "
+                "(train.max_nonfinite_steps=%d); the checkpoint of step %d holds the state from "
+                "before them (skipped steps only advance the step counter)", step,
+                nonfinite.in_a_row, nonfinite.limit, step)
+
+
 def frozen_without_gradient(params, trainable):
   """`params` with every leaf outside the `trainable` patterns behind `stop_gradient`: their
   gradients are symbolic zeros, so autodiff skips the backward work that only they need
@@ -87,19 +135,34 @@ def frozen_without_gradient(params, trainable):
                       params, labels)
 
 
+def keep_if(condition, new, old):
+  """`new` where the scalar `condition` holds, else `old`, leaf by leaf (bitwise `old`)."""
+  return jax.tree.map(lambda n, o: jax.numpy.where(condition, n, o), new, old)
+
+
 def make_train_step(task, optimizer, schedule, seed, trainable=(".*",)):
   """(state, batch) -> (state, metrics): one optimizer step on `task.loss`; only parameters
-  matching the `trainable` patterns are differentiated."""
+  matching the `trainable` patterns are differentiated.
+
+  A step whose loss or gradient norm is not finite is skipped: params and opt_state stay
+  bitwise as they were (the optimizer's own count too, so its learning-rate schedule lags
+  `state.step` by the number of skipped steps), while `state.step` still advances, so that
+  step k keeps batch k and fold_in(seed, k). metrics["nonfinite"] is 1.0 for a skipped step.
+  """
   loss_fn = lambda params, batch, rng: task.loss(frozen_without_gradient(params, trainable),
                                                  batch, rng)
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (_, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = dict(step_metrics, learning_rate=schedule(state.step),
-                        grad_norm=optax.global_norm(grads))
+    finite = jax.numpy.isfinite(loss) & jax.numpy.isfinite(grad_norm)
+    params, opt_state = keep_if(finite, (params, opt_state), (state.params, state.opt_state))
+    step_metrics = dict(step_metrics, learning_rate=schedule(state.step), grad_norm=grad_norm,
+                        nonfinite=jax.numpy.where(finite, 0.0, 1.0))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), step_metrics
   return train_step
 
@@ -128,6 +191,15 @@ def train(config, workdir):
 
   Returns the summary (also written to `<workdir>/summary.json`), the final state and the
   task, so that callers (the demo, tests) can go on evaluating without a reload.
+
+  A run stops early, saving a checkpoint at the step it reached, on SIGTERM, at
+  `train.time_limit_minutes`, or after `train.max_nonfinite_steps` (default 10; 0: never)
+  skipped steps in a row (see `make_train_step`); it then returns normally, with
+  `stopped_early` true and `stop_reason` "sigterm", "time_limit" or "nonfinite" (an error is
+  logged for the last). Skipped steps leave the state unchanged, so after a "nonfinite" stop
+  the state returned and checkpointed is the last good one, under the step number reached.
+  `nonfinite_steps` counts the steps skipped in this call (each is logged as a warning and
+  written to TensorBoard as train/nonfinite_steps); they are left out of the train averages.
   """
   os.makedirs(workdir, exist_ok=True)
   start_time = time.time()
@@ -139,7 +211,7 @@ def train(config, workdir):
   # ---- Task, mesh and input pipeline -------------------------------------------------
   task = tasks.build_task(config)
   mesh, rules = sharding.mesh_and_rules(config.mesh)
-  data_dir = data_lib.prepare_data_dir(config, workdir)
+  data_dir = data_lib.records_dir(config, workdir)
   train_iter = iter(data_lib.train_dataset(config, task, data_dir))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -155,8 +227,7 @@ def train(config, workdir):
     else:
       state = state_lib.create_state(task.init_params, optimizer, shardings,
                                      jax.random.key(config.seed))
-      if hasattr(task, "warm_start"):   # a later stage starts from an earlier one's weights
-        state = state.replace(params=task.warm_start(state.params))
+      state = state.replace(params=task.warm_start(state.params))   # e.g. an earlier stage
 
     # ---- Compiled steps ---------------------------------------------------------------
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -176,7 +247,8 @@ def train(config, workdir):
     bar = metrics_lib.progress_bar(step, cfg_train.steps)
     deadline = (start_time + 60 * cfg_train.time_limit_minutes
                 if cfg_train.time_limit_minutes > 0 else None)
-    stopped_early = False
+    nonfinite = NonfiniteSteps(cfg_train.get("max_nonfinite_steps", 10))
+    reason = None
 
     def run_eval(step):
       batches = data_lib.eval_batches(config, task, data_dir)
@@ -190,24 +262,28 @@ def train(config, workdir):
         batch = sharding.global_batch(next(train_iter), mesh, rules)
         state, step_metrics = train_step(state, batch)
         step += 1
-        train_acc.add(step_metrics)
+        if nonfinite.skipped(step, step_metrics.pop("nonfinite"), step_metrics):
+          writer.scalars(step, dict(nonfinite_steps=nonfinite.total), prefix="train/")
+        else:                                # a skipped step's NaNs stay out of the averages
+          train_acc.add(step_metrics)
         bar.update(1)
         if step % cfg_train.log_every == 0 or step == cfg_train.steps:
-          last_train = train_acc.compute()
-          writer.scalars(step, last_train, prefix="train/")
-          bar.set_postfix(loss=f"{last_train['loss']:.4f}")
+          window = train_acc.compute()       # empty if every step since the last log was skipped
+          if window:
+            last_train = window
+            writer.scalars(step, last_train, prefix="train/")
+            bar.set_postfix(loss=f"{last_train['loss']:.4f}")
         if cfg_train.eval_every and step % cfg_train.eval_every == 0 and step < cfg_train.steps:
           last_eval = run_eval(step)
         if cfg_train.sample_every and step % cfg_train.sample_every == 0:
           save_samples(task, state.params, step, workdir, writer, config.seed)
-        timed_out = deadline is not None and time.time() > deadline
-        if step % cfg_train.checkpoint_every == 0 or stop.requested or timed_out:
+        reason = stop_reason(stop, deadline, nonfinite)
+        if step % cfg_train.checkpoint_every == 0 or reason:
           checkpointer.save(step, state, train_iter)
-        if stop.requested or timed_out:
-          stopped_early = True
-          logging.warning("stopping at step %d (%s)", step,
-                          "SIGTERM" if stop.requested else "time limit")
+        if reason:
+          log_stop(step, reason, nonfinite)
           break
+    stopped_early = reason is not None
     bar.close()
     if checkpointer.latest_step() != step:                    # the last step, always
       checkpointer.save(step, state, train_iter, force=True)
@@ -226,7 +302,8 @@ def train(config, workdir):
   summary = dict(
       step=step, train_loss=last_train.get("loss"), train_nll=last_train.get("nll"),
       test_bpd=last_eval.get("pixel_bpd"), test_nll=last_eval.get("nll"),
-      eval=last_eval, stopped_early=stopped_early, wall_seconds=time.time() - start_time,
+      eval=last_eval, stopped_early=stopped_early, stop_reason=reason,
+      nonfinite_steps=nonfinite.total, wall_seconds=time.time() - start_time,
       samples=sample_path and os.path.relpath(sample_path, workdir))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

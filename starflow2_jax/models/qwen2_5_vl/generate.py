@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data_pipelines import mrope_positions as positions_lib
 from starflow2_jax.models.qwen2_5_vl import model as model_lib
-from starflow2_jax.models.qwen2_5_vl import positions as positions_lib
 from starflow2_jax.models.qwen2_5_vl import vision as vision_lib
 
 

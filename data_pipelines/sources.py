@@ -1,0 +1,71 @@
+"""Record sources: what `starflow2 prepare-data --source NAME` converts into records.
+
+Writing records is this module's job alone (training only reads them). A source is a function
+
+    write(out_dir, options: SourceOptions) -> {split: writers.WriteSummary}
+
+Built in: `image_folder` (a folder of images plus a JSONL of captions). Other sources plug in
+through the `starflow2.record_sources` entry-point group of an installed distribution — this
+repository's demos register their Fashion-MNIST sources there (setup.py), so the library
+never imports them.
+"""
+
+import dataclasses
+import importlib.metadata
+import logging
+import os
+
+from data_pipelines import image_folder
+from data_pipelines import writers
+
+ENTRY_POINT_GROUP = "starflow2.record_sources"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+  """What a source may read: its input directory, a caption file, the split to write."""
+  source_dir: str | None = None
+  captions_jsonl: str | None = None
+  split: str = "train"
+
+
+def _image_folder(out_dir, options):
+  if not (options.source_dir and options.captions_jsonl):
+    raise ValueError("the image_folder source needs source_dir (the images) and "
+                     "captions_jsonl (one {\"file\", \"caption\"} per line)")
+  return {options.split: image_folder.write_image_folder(
+      options.source_dir, options.captions_jsonl, out_dir, options.split)}
+
+
+BUILT_IN = {"image_folder": _image_folder}
+
+
+def available():
+  """{name: loader} of every source: the built-in ones and the registered entry points."""
+  found = {ep.name: ep.load for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+  found.update({name: (lambda fn=fn: fn) for name, fn in BUILT_IN.items()})
+  return found
+
+
+def prepare(name, out_dir, options=SourceOptions(), skip_if_present=()):
+  """Writes source `name`'s records to `out_dir`; returns {split: WriteSummary}.
+
+  `skip_if_present`: splits that, when all already exist in `out_dir`, mean the records were
+  written before (a resumed run) — nothing is written then and {} is returned."""
+  sources = available()
+  if name not in sources:
+    raise ValueError(f"unknown record source {name!r}: one of {sorted(sources)} (sources "
+                     f"register under the {ENTRY_POINT_GROUP!r} entry points)")
+  if skip_if_present and all(_has_split(out_dir, s) for s in skip_if_present):
+    logging.info("records for %s already in %s", ", ".join(skip_if_present), out_dir)
+    return {}
+  os.makedirs(out_dir, exist_ok=True)
+  return sources[name]()(out_dir, options)
+
+
+def _has_split(out_dir, split):
+  try:
+    writers.find_split_files(out_dir, split)
+    return True
+  except FileNotFoundError:
+    return False

@@ -1,0 +1,50 @@
+"""Loss pieces both tasks share: dequantised, noised latents (SPEC §4) and the text loss."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from starflow2_jax.flows import noise
+
+
+def uniform_dequantize(rng, x):
+  """Spreads each 8-bit bin centre uniformly over its bin (width 2/256)."""
+  return x + jax.random.uniform(rng, x.shape, jnp.float32, -1 / 256, 1 / 256)
+
+
+class NoisyLatents(NamedTuple):
+  x: jnp.ndarray            # x̃ = dequantised x + t ε, the shape of the input latents
+  t_b: jnp.ndarray          # each example's noise level [B]
+  rng_dropout: jax.Array    # a fourth key, for the caller's caption dropout
+
+
+def noisy_latents(rng, x, noise_cfg):
+  """Multi-noise training inputs: dequantise, draw t ~ U[t_min, t_max] per example, add t ε.
+
+  `x` is [B, N, D] or [B, M, N, D] (every image of an example shares its t)."""
+  rng_deq, rng_t, rng_eps, rng_dropout = jax.random.split(rng, 4)
+  x = uniform_dequantize(rng_deq, x)
+  batch = x.shape[0]
+  t_b = noise.sample_noise_levels(rng_t, batch, noise_cfg.t_min, noise_cfg.t_max)
+  x = noise.add_noise(rng_eps, x.reshape(batch, -1, x.shape[-1]), t_b).reshape(x.shape)
+  return NoisyLatents(x, t_b, rng_dropout)
+
+
+def masked_mean(values, mask):
+  """Mean of `values` where `mask` holds (0 where it holds nowhere)."""
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def next_token_loss(logits_btv, ids_bt, target_bt):
+  """Mean cross-entropy of logits_i against w_{i+1} where w_{i+1} is a target; (loss, acc)."""
+  logits, labels, mask = logits_btv[:, :-1], ids_bt[:, 1:], target_bt[:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  accuracy = masked_mean(jnp.argmax(logits, -1) == labels, mask)
+  return masked_mean(ce, mask), accuracy
+
+
+def batch_text_loss(logits_btv, batch):
+  """`next_token_loss` on a batch's real target text: (loss, accuracy)."""
+  return next_token_loss(logits_btv, batch["ids"], batch["text_target"] & batch["valid"])
