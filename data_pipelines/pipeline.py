@@ -12,7 +12,6 @@ SkipCounter.
 """
 
 import bisect
-import dataclasses
 import logging
 import os
 import threading

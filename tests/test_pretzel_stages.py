@@ -11,6 +11,7 @@ from data_pipelines import records
 from helpers import tree_bits
 from tolerance import assert_float32_close
 from data_pipelines import mrope_positions as positions_lib
+from starflow2_jax import tree_paths
 from starflow2_jax.models import stages
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import optimizer as optimizer_lib
@@ -105,9 +106,9 @@ def _state(task, config, rng=0):
 
 
 def _split(params, patterns):
-  labels = optimizer_lib.trainable_labels(params, patterns)
+  labels = tree_paths.trainable_labels(params, patterns)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {optimizer_lib.path_name(p): (v, l) for (p, v), l in zip(flat, jax.tree.leaves(labels))}
+  return {tree_paths.path_name(p): (v, l) for (p, v), l in zip(flat, jax.tree.leaves(labels))}
 
 
 TRAINED = {0: {"vlm"}, 1: {"flow", "shallow_0", "shallow_1"}, 2: {"adapter"},

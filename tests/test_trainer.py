@@ -22,6 +22,7 @@ from demos import fashion_mnist
 import fake_data as testing
 from experiments import fashion_mnist as fashion_mnist_experiment
 from starflow2_jax import sharding
+from starflow2_jax import tree_paths
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import metrics as metrics_lib
@@ -302,7 +303,7 @@ def _check_frozen(config, batch, initial_params, final_state):
   changed, frozen = 0, 0
   for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(initial_params)[0],
                                    jax.tree.leaves(params)):
-    name = optimizer_lib.path_name(path)
+    name = tree_paths.path_name(path)
     if name.startswith("flow/deep/"):
       changed += int(helpers.bits(after) != helpers.bits(before))
     else:
@@ -315,7 +316,7 @@ def _check_frozen(config, batch, initial_params, final_state):
   # gradient; after a step the head is non-zero and every trainable leaf has one.)
   grads = _step_gradients(config, final_state, batch)
   for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    name = optimizer_lib.path_name(path)
+    name = tree_paths.path_name(path)
     if name.startswith("flow/deep/"):
       assert np.any(grad != 0), f"trainable {name} has no gradient"
     else:
@@ -324,9 +325,9 @@ def _check_frozen(config, batch, initial_params, final_state):
   # No optimizer moments for frozen parameters: every array in the optimizer state is a
   # scalar (step counts) or a moment of a flow/deep parameter.
   deep_sizes = [leaf.size for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-                if optimizer_lib.path_name(path).startswith("flow/deep/")]
+                if tree_paths.path_name(path).startswith("flow/deep/")]
   opt_leaves = jax.tree_util.tree_flatten_with_path(_host(final_state.opt_state))[0]
-  moments = [(optimizer_lib.path_name(p), leaf) for p, leaf in opt_leaves if np.ndim(leaf) > 0]
+  moments = [(tree_paths.path_name(p), leaf) for p, leaf in opt_leaves if np.ndim(leaf) > 0]
   assert moments
   for name, _ in moments:
     assert "flow/deep/" in name, name

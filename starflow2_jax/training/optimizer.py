@@ -7,7 +7,7 @@ they cost no optimizer memory and stay bit-identical.
 
 import optax
 
-from starflow2_jax.tree_paths import path_name, trainable_labels  # noqa: F401  (the trainable set)
+from starflow2_jax import tree_paths
 
 
 def learning_rate_schedule(cfg, total_steps):
@@ -26,5 +26,5 @@ def make_optimizer(cfg, total_steps):
   patterns = tuple(cfg.trainable)
   optimizer = optax.multi_transform(
       {"train": adamw, "freeze": optax.set_to_zero()},
-      lambda params: trainable_labels(params, patterns))
+      lambda params: tree_paths.trainable_labels(params, patterns))
   return optimizer, schedule

@@ -23,6 +23,7 @@ import optax
 
 from starflow2_jax import image_io
 from starflow2_jax import sharding
+from starflow2_jax import tree_paths
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import metrics as metrics_lib
@@ -130,7 +131,7 @@ def frozen_without_gradient(params, trainable):
   """`params` with every leaf outside the `trainable` patterns behind `stop_gradient`: their
   gradients are symbolic zeros, so autodiff skips the backward work that only they need
   (e.g. the shallow blocks' backward pass in stage 2)."""
-  labels = optimizer_lib.trainable_labels(params, tuple(trainable))
+  labels = tree_paths.trainable_labels(params, tuple(trainable))
   return jax.tree.map(lambda p, label: p if label == "train" else jax.lax.stop_gradient(p),
                       params, labels)
 
