@@ -63,6 +63,12 @@ def prepare(name, out_dir, options=SourceOptions(), skip_if_present=()):
   return sources[name]()(out_dir, options)
 
 
+def prepare_from_config(data_cfg, skip_if_present=()):
+  """`prepare` for what a config's `data` section names: its `source`, `source_dir`, `dir`."""
+  options = SourceOptions(source_dir=data_cfg.get("source_dir") or None)
+  return prepare(data_cfg.source, data_cfg.dir, options, skip_if_present)
+
+
 def _has_split(out_dir, split):
   try:
     writers.find_split_files(out_dir, split)

@@ -26,9 +26,7 @@ def prepare_records(config, workdir):
   `fashion_mnist` source (what `starflow2 prepare-data --source fashion_mnist` runs)."""
   config = config.copy_and_resolve_references()
   config.data.dir = config.data.dir or os.path.join(workdir, "data")
-  sources.prepare(config.data.source, config.data.dir,
-                  sources.SourceOptions(source_dir=config.data.source_dir),
-                  skip_if_present=tuple(fashion_mnist.SPLITS))
+  sources.prepare_from_config(config.data, skip_if_present=tuple(fashion_mnist.SPLITS))
   return config
 
 

@@ -58,9 +58,7 @@ def prepare_records(config):
   """Every stage's records, written once by the `fashion_mnist_stages` source (what
   `starflow2 prepare-data --source fashion_mnist_stages` runs)."""
   splits = [f"{kind}_{split}" for kind in stage_records.KINDS for split in fashion_mnist.SPLITS]
-  sources.prepare(config.data.source, config.data.dir,
-                  sources.SourceOptions(source_dir=config.data.source_dir),
-                  skip_if_present=splits)
+  sources.prepare_from_config(config.data, skip_if_present=splits)
 
 
 def held_out_bpd(task, params, config, data_dir, num_examples):

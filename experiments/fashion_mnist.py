@@ -64,7 +64,7 @@ def get_config(preset=""):
       checkpoint_every=500,
       keep_checkpoints=2,
       time_limit_minutes=9.5,        # > 0: save and stop early when reached (0: no limit)
-      max_nonfinite_steps=10,        # skipped non-finite steps in a row that stop the run (0: never)
+      max_nonfinite_steps=10,        # non-finite steps in a row that stop the run (0: never)
   )
   c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, min_learning_rate=1e-6,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,

@@ -46,6 +46,7 @@ def sample_prompts_workdir(config, workdir, prompt_texts, out=None, guidance_wei
   if max_new is not None:
     overrides["max_new"] = max_new
   parsed = [prompts.parse_prompt(p, task.layout.image_shape) for p in prompt_texts]
-  results = prompts.generator_for(task, **overrides).generate(params, parsed, jax.random.key(config.seed + 4))
+  results = prompts.generator_for(task, **overrides).generate(params, parsed,
+                                                               jax.random.key(config.seed + 4))
   out = out or os.path.join(workdir, f"samples_step_{step}")
   return results, prompts.write_html(results, out, f"STARFlow2 samples, step {step}")

@@ -44,7 +44,8 @@ class PretzelConfig:
   """Attributes:
     vlm: the Qwen2.5-VL text decoder's numbers.
     flow: latent_dim D, the deep and shallow Transformers, the number of shallow blocks, the
-      scale function and noise conditioning (`flow.context_dim` is ignored: P_c reads h^V, of the VLM's width).
+      scale function and noise conditioning (`flow.context_dim` is ignored: P_c reads h^V,
+      of the VLM's width).
     adapter_hidden: the adapter MLP's hidden width.
     skips: build W_v and W_t (stage 3); without them the model is that of stages 1–2.
     freeze_vlm: stop gradients into the VLM's parameters.
