@@ -27,6 +27,9 @@ One example (numpy), as the Grain pipeline batches it:
   prompt_text [T] bool    prompt text (dropped for classifier-free guidance)
   images [M, H, W, C] uint8, image_positions [M, N] int32 (sequence index of each visual
   element), image_valid [M] bool, image_target [M] bool
+  image_latents [M, N, D] float32  only when the layout names `latent_shape`: each image's
+                          precomputed latent (`starflow2 precompute-latents`), read from
+                          the record instead of encoding the pixels at every step
 """
 
 import dataclasses
@@ -51,6 +54,7 @@ class SequenceLayout:
   vision_end_id: int
   image_pad_id: int
   pad_id: int
+  latent_shape: tuple | None = None   # (N, D): images carry precomputed latents
 
   @property
   def num_elements(self):
@@ -64,6 +68,7 @@ class SequenceBuilder:
     self.layout = layout
     self.ids, self.text_target, self.prompt_text, self.is_visual = [], [], [], []
     self.spans, self.images, self.image_positions, self.image_target = [], [], [], []
+    self.latents = []
 
   def _text(self, ids, target, prompt):
     self.ids += list(ids)
@@ -75,8 +80,10 @@ class SequenceBuilder:
   def add_text(self, ids, target):
     self._text(ids, target, prompt=not target)
 
-  def add_image(self, image, target):
+  def add_image(self, image, target, latent=None):
     lay = self.layout
+    if lay.latent_shape is not None:
+      self.latents.append(latent)
     self._text([lay.vision_start_id], target, prompt=False)
     start = len(self.ids)
     n = lay.num_elements
@@ -110,7 +117,13 @@ class SequenceBuilder:
       images[:k] = np.stack(self.images)
       image_positions[:k] = np.stack(self.image_positions)
       image_target[:k] = self.image_target
+    arrays = {}
+    if lay.latent_shape is not None:
+      arrays["image_latents"] = np.zeros((m,) + tuple(lay.latent_shape), np.float32)
+      if k:
+        arrays["image_latents"][:k] = np.stack(self.latents)
     return dict(
+        arrays,
         ids=pad(self.ids, lay.pad_id, np.int32), valid=pad([True] * length, False, bool),
         positions=positions, is_visual=pad(self.is_visual, False, bool),
         text_target=pad(self.text_target, False, bool),
@@ -144,7 +157,7 @@ class InterleavedExample:
       if image.shape != tuple(lay.image_shape):
         raise pipeline.RecordMismatchError(
             f"image shape {image.shape}, expected {tuple(lay.image_shape)} (HxWxC)")
-      builder.add_image(image, target)
+      builder.add_image(image, target, self._latent(segment))
     if len(builder.images) > lay.max_images:
       raise pipeline.RecordMismatchError(
           f"{len(builder.images)} images, more than max_images={lay.max_images}")
@@ -152,6 +165,21 @@ class InterleavedExample:
       raise pipeline.RecordMismatchError(
           f"{len(builder.ids)} positions, more than max_length={lay.max_length}")
     return builder.arrays()
+
+  def _latent(self, segment):
+    """The image's precomputed latent when the layout reads them (else None)."""
+    shape = self.layout.latent_shape
+    if shape is None:
+      return None
+    latent = segment.arrays.get("latent")
+    if latent is None:
+      raise pipeline.RecordMismatchError(
+          "an image has no precomputed latent (run `starflow2 precompute-latents` on these "
+          "records, or set config.data.precomputed_latents=False)")
+    if latent.shape != tuple(shape):
+      raise pipeline.RecordMismatchError(
+          f"precomputed latent of shape {latent.shape}, expected {tuple(shape)} (N, D)")
+    return latent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,3 +211,28 @@ class CaptionImageExample:
     ids, mask = self.tokenizer.encode(texts[0].text, self.max_caption_len)
     return {"image": image, "caption_ids": ids, "caption_mask": mask,
             "label": np.int32(label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageExample:
+  """Maps a record to its first image and its label, for image-only training (the FAE,
+  DINOv2 pre-training).
+
+  Output: {"image": uint8[H, W, C], "label": int32 (meta "label", or -1)}. Raises
+  pipeline.RecordMismatchError when the record has no image or an image of another shape.
+  """
+
+  image_shape: tuple
+
+  def __call__(self, record):
+    images = [s for s in record.segments if isinstance(s, records.ImageSegment)]
+    if not images:
+      raise pipeline.RecordMismatchError("the record has no image segment")
+    image = images[0].to_array()
+    if image.shape != tuple(self.image_shape):
+      raise pipeline.RecordMismatchError(
+          f"image shape {image.shape}, expected {tuple(self.image_shape)} (HxWxC)")
+    label = record.meta.get("label", -1)
+    if not isinstance(label, int):
+      raise pipeline.RecordMismatchError(f"meta 'label' is {label!r}, not an int")
+    return {"image": image, "label": np.int32(label)}

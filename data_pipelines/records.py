@@ -5,10 +5,14 @@ consumed by text-to-image, image-to-text and interleaved stages alike. A record 
 serialised with msgpack as
 
   {"version": 1,
-   "segments": [{"kind": "text", "text": str} | {"kind": "image", "png": bytes}, ...],
+   "segments": [{"kind": "text", "text": str}
+                | {"kind": "image", "png": bytes, ["arrays": {name: ARRAY}]}, ...],
    "meta": {str: int | str | float}}
 
 Images are stored as PNG bytes (lossless, compact for small images, decodable anywhere).
+An image may carry float32 arrays computed from it once (`starflow2 precompute-latents`:
+its latent [N, D], its DINOv2 features [N, F]), each as
+ARRAY = {"shape": [int, ...], "data": little-endian float32 bytes}.
 """
 
 import dataclasses
@@ -44,15 +48,31 @@ class TextSegment:
       raise TypeError(f"TextSegment.text must be str, got {type(self.text).__name__}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ImageSegment:
   """An image kept as PNG bytes; decoded only when a consumer asks for pixels."""
 
   png: bytes
+  arrays: dict = dataclasses.field(default_factory=dict)   # name -> float32 ndarray
 
   def __post_init__(self):
     if not isinstance(self.png, bytes):
       raise TypeError(f"ImageSegment.png must be bytes, got {type(self.png).__name__}")
+    arrays = {}
+    for name, value in dict(self.arrays).items():
+      if not isinstance(name, str):
+        raise TypeError(f"ImageSegment.arrays key {name!r} must be str")
+      arrays[name] = np.asarray(value, np.float32)
+    object.__setattr__(self, "arrays", arrays)
+
+  def __eq__(self, other):
+    return (isinstance(other, ImageSegment) and self.png == other.png
+            and self.arrays.keys() == other.arrays.keys()
+            and all(np.array_equal(a, other.arrays[k]) for k, a in self.arrays.items()))
+
+  def with_arrays(self, **arrays):
+    """The same image with `arrays` added (replacing arrays of the same name)."""
+    return ImageSegment(self.png, {**self.arrays, **arrays})
 
   @classmethod
   def from_array(cls, array):
@@ -117,7 +137,11 @@ def _check_meta_item(key, value, error):
 def _encode_segment(segment):
   if isinstance(segment, TextSegment):
     return {"kind": "text", "text": segment.text}
-  return {"kind": "image", "png": segment.png}
+  item = {"kind": "image", "png": segment.png}
+  if segment.arrays:
+    item["arrays"] = {name: {"shape": list(a.shape), "data": a.astype("<f4").tobytes()}
+                      for name, a in segment.arrays.items()}
+  return item
 
 
 def encode_record(record):
@@ -143,10 +167,28 @@ def _decode_segment(i, item):
     _expect(isinstance(item["text"], str), f"text segment {i}: 'text' is not a string")
     return TextSegment(item["text"])
   if kind == "image":
-    _expect(set(item) == {"kind", "png"}, f"image segment {i} has keys {sorted(item)}")
+    _expect(set(item) in ({"kind", "png"}, {"kind", "png", "arrays"}),
+            f"image segment {i} has keys {sorted(item)}")
     _expect(isinstance(item["png"], bytes), f"image segment {i}: 'png' is not bytes")
-    return ImageSegment(item["png"])
+    return ImageSegment(item["png"], _decode_arrays(i, item.get("arrays", {})))
   raise MalformedRecordError(f"segment {i} has unknown kind {kind!r}")
+
+
+def _decode_arrays(i, arrays):
+  _expect(isinstance(arrays, dict), f"image segment {i}: 'arrays' is not a map")
+  decoded = {}
+  for name, a in arrays.items():
+    where = f"image segment {i}: array {name!r}"
+    _expect(isinstance(a, dict) and set(a) == {"shape", "data"},
+            f"{where} is not a map of shape and data")
+    shape, data = a["shape"], a["data"]
+    _expect(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
+            f"{where}: shape {shape!r} is not a list of sizes")
+    _expect(isinstance(data, bytes) and len(data) == 4 * int(np.prod(shape)),
+            f"{where}: {len(data) if isinstance(data, bytes) else 'no'} bytes of data for "
+            f"shape {shape} (float32)")
+    decoded[name] = np.frombuffer(data, "<f4").reshape(shape)
+  return decoded
 
 
 def decode_record(data):

@@ -35,12 +35,14 @@ class Command:
   """One `starflow2` command.
 
   define(flag_values, argv) declares the command's flags (argv lets `--config.*` overrides
-  be declared); run(flag_values) does the work.
+  be declared); run(flag_values) does the work. A command with `positional=True` takes
+  positional arguments too: run(flag_values, args).
   """
   summary: str
   usage: str
   define: Callable[[flags.FlagValues, list], None]
   run: Callable[[flags.FlagValues], None]
+  positional: bool = False
 
 
 # ---- flags several commands share ----------------------------------------------------------
@@ -168,6 +170,34 @@ def _convert_qwen(fv):
   print(f"wrote {qwen.save_converted(params, hf_dir, out)}")
 
 
+def _define_precompute_latents(fv, argv):
+  define_config(fv, argv, None, "A stage config whose `latent` section names the latent "
+                "space (e.g. experiments/fashion_mnist_fae.py:stage1 with "
+                "--config.latent.fae_workdir=...).")
+  flags.DEFINE_string("records", None, "The records directory to read (prepare-data's).",
+                      flag_values=fv)
+  flags.DEFINE_string("out", None, "The records directory to write (same splits, with "
+                      "latents).", flag_values=fv)
+  flags.DEFINE_list("splits", None, "The splits to convert.", flag_values=fv)
+  flags.DEFINE_boolean("features", False, "Also store each image's DINOv2 features (FAE).",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 64, "Images encoded per call.", flag_values=fv)
+
+
+def _precompute_latents(fv):
+  from starflow2_jax.latents import precompute
+  from starflow2_jax.training import builders
+  config, records, out, splits = require(fv, "config", "records", "out", "splits")
+  if fv.features and config.latent.name != "fae":
+    raise UsageError("--features needs an FAE latent (config.latent.name='fae')")
+  latent = builders.build_latent(config)
+  for split in splits:
+    summary = precompute.precompute_split(latent, records, out, split, fv.batch_size,
+                                          fv.features)
+    print(f"{split}: {summary.written} records with latents -> {out}")
+  print("train on them with --config.data.dir=" + out + " --config.data.precomputed_latents=True")
+
+
 def _define_generate(fv, argv):
   flags.DEFINE_string("vlm", None, "A converted or Hugging Face Qwen2.5-VL directory.",
                       flag_values=fv)
@@ -197,6 +227,48 @@ def _generate(fv):
     print(answer.text)
 
 
+def _define_convert_dinov2(fv, argv):
+  flags.DEFINE_string("hf_dir", None, "The Hugging Face DINOv2 checkpoint directory "
+                      "(Dinov2Model or Dinov2WithRegistersModel).", flag_values=fv)
+  flags.DEFINE_string("out", None, "The Orbax copy to write.", flag_values=fv)
+  flags.DEFINE_integer("image_size", 224, "The input resolution in pixels: the position table "
+                       "is resampled to it now, with the reference's bicubic recipe; the copy "
+                       "runs at exactly this size.", flag_values=fv)
+
+
+def _convert_dinov2(fv):
+  from starflow2_jax.convert import dinov2
+  hf_dir, out = require(fv, "hf_dir", "out")
+  print(f"wrote {dinov2.convert(hf_dir, out, fv.image_size)}")
+
+
+def _define_features(fv, argv):
+  flags.DEFINE_string("dinov2", None, "A converted DINOv2 directory (convert-dinov2).",
+                      flag_values=fv)
+  flags.DEFINE_integer("image_size", None, "N, the converted copy's resolution (must match it); "
+                       "images not already N×N are resized to N×N with PIL's bicubic filter "
+                       "(antialiased when shrinking; aspect ratio not kept, no crop).",
+                       flag_values=fv)
+  flags.DEFINE_string("out", None, "The .npy to write: float32 [images, patches, width].",
+                      flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", flag_values=fv)
+
+
+def _features(fv, images):
+  from starflow2_jax.convert import dinov2
+  from starflow2_jax.models.dinov2 import features
+  directory, size, out = require(fv, "dinov2", "image_size", "out")
+  if not images:
+    raise UsageError("no images: pass image files after the flags")
+  config, params, mean, std = dinov2.load_converted(directory)
+  if size != config.image_size:
+    raise UsageError(f"--image_size {size} does not match {directory}'s position table, "
+                     f"converted for {config.image_size} px; convert again with "
+                     f"--image_size {size}")
+  shape = features.write_features(config, params, mean, std, images, out, fv.batch_size)
+  print(f"wrote {out}: {shape}")
+
+
 LIBRARY_COMMANDS = {
     "train": Command(
         "train --config in --workdir (resumes from the latest checkpoint)",
@@ -224,6 +296,20 @@ LIBRARY_COMMANDS = {
         "answer a message (and images) with a Qwen2.5-VL directory",
         "starflow2 generate --vlm ckpt/qwen25vl-7b-flax --message 'What is this?' "
         "--image photo.jpg", _define_generate, _generate),
+    "precompute-latents": Command(
+        "records with each image's latent (and DINOv2 features) computed once",
+        "starflow2 precompute-latents --config experiments/fashion_mnist_fae.py:stage1 "
+        "--config.latent.fae_workdir=runs/fae/fae_pixels --records runs/fae/data "
+        "--out runs/fae/latents --splits generate_train,generate_test",
+        _define_precompute_latents, _precompute_latents),
+    "convert-dinov2": Command(
+        "a Hugging Face DINOv2 checkpoint -> an Orbax copy for one input resolution",
+        "starflow2 convert-dinov2 --hf_dir ckpt/dinov2-base --out ckpt/dinov2-base-224 "
+        "--image_size 224", _define_convert_dinov2, _convert_dinov2),
+    "features": Command(
+        "DINOv2 patch features of image files, one float32 .npy [images, patches, width]",
+        "starflow2 features --dinov2 ckpt/dinov2-base-224 --image_size 224 --out feats.npy "
+        "a.png b.jpg ...", _define_features, _features, positional=True),
 }
 
 
@@ -271,7 +357,7 @@ def overview():
   lines = ["usage: starflow2 <command> [--flags]; starflow2 <command> --help lists its flags", "",
            "commands:"]
   for name, command in commands().items():
-    lines.append(f"  {name:13} {_load(command).summary}")
+    lines.append(f"  {name:18} {_load(command).summary}")
   return "\n".join(lines)
 
 
@@ -319,7 +405,7 @@ def run(argv):
   command.define(fv, argv[1:])
   try:
     rest = fv([f"starflow2 {name}"] + argv[2:])
-    if len(rest) > 1:
+    if len(rest) > 1 and not command.positional:
       raise UsageError(f"unexpected arguments {rest[1:]}")
   except (flags.Error, UsageError) as e:
     print(f"starflow2 {name}: {e}\n\n{command_help(name, command)}", file=sys.stderr)
@@ -328,7 +414,7 @@ def run(argv):
     flags.FLAGS(["starflow2"], known_only=True)
   _quiet_logs()
   try:
-    command.run(fv)
+    command.run(fv, rest[1:]) if command.positional else command.run(fv)
   except UsageError as e:
     print(f"starflow2 {name}: {e}\n\n{command_help(name, command)}", file=sys.stderr)
     return 2

@@ -190,7 +190,7 @@ def test_stage3_warm_start_restores_stage2_and_zero_skips(tmp_path):
   assert all(not np.any(x) for x in jax.tree.leaves((warm["w_v"], warm["w_t"])))
   # Stage 3 starts where stage 2 ended: same logits, same flow.
   batch = batch_of(stage2, [record(), record(prompt_segments=2)])
-  x = stage2.latents(batch["images"]).astype(jnp.float32)
+  x = stage2.encode_images(batch["images"]).astype(jnp.float32)
   t = jnp.full((2,), 0.1)
   out2 = jax.jit(stage2.apply)(state2.params, batch, x, t)
   out3 = jax.jit(stage3.apply)(warm, batch, x, t)

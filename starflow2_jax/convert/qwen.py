@@ -15,7 +15,6 @@ later runs restore quickly onto any mesh; `load_vlm` reads either kind of direct
 """
 
 import dataclasses
-import json
 import pathlib
 import shutil
 
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow2_jax import sharding as sharding_lib
+from starflow2_jax.convert import hf_files
 from starflow2_jax.models.qwen2_5_vl import config as config_lib
 from starflow2_jax.models.qwen2_5_vl import model as model_lib
 
@@ -36,34 +36,16 @@ _PREFIX_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visua
 
 # ---------------------------------------------------------------- the name and layout table
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """One on-disk tensor: its shape, and the Flax leaves made from it (path, transform)."""
-  shape: tuple
-  targets: tuple            # ((flax path tuple, fn: np.ndarray -> np.ndarray), ...)
-
-
-def _keep(w):
-  return w
-
-
-def _transpose(w):
-  return w.T
-
-
-def _heads_in(heads, head_dim):
-  """Linear [heads·head_dim, D] -> einsum kernel [D, heads, head_dim] (or bias -> [heads, hd])."""
-  return lambda w: w.T.reshape(-1, heads, head_dim) if w.ndim == 2 else w.reshape(heads, head_dim)
-
-
-def _heads_out(heads, head_dim):
-  """Linear [D, heads·head_dim] -> einsum kernel [heads, head_dim, D]."""
-  return lambda w: w.T.reshape(heads, head_dim, -1)
+# Shared with the other importers: the table entry, its layout transforms, header checks.
+Rule = hf_files.Rule
+CheckpointMismatchError = hf_files.CheckpointMismatchError
+_keep, _transpose = hf_files.keep, hf_files.transpose
+_heads_in, _heads_out = hf_files.heads_in, hf_files.heads_out
 
 
 def _chunk(i, fn):
   """The i-th third along axis 0 (fused qkv), then `fn`."""
-  return lambda w: fn(np.split(w, 3, axis=0)[i])
+  return hf_files.chunk(i, 3, fn)
 
 
 def _attention_rules(prefix, target, d, heads, kv_heads, head_dim):
@@ -154,57 +136,13 @@ def canonical_name(name):
 
 # ---------------------------------------------------------------- reading shard headers
 
-def _shard_files(hf_dir):
-  hf_dir = pathlib.Path(hf_dir)
-  index = hf_dir / "model.safetensors.index.json"
-  if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    files = sorted(set(weight_map.values()))
-  else:
-    files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
-  if not files:
-    raise FileNotFoundError(f"{hf_dir}: no *.safetensors files and no "
-                            "model.safetensors.index.json")
-  missing = [f for f in files if not (hf_dir / f).exists()]
-  if missing:
-    raise FileNotFoundError(f"{hf_dir}: shards listed in the index are missing: {missing}")
-  return [hf_dir / f for f in files]
-
-
 def read_headers(hf_dir):
   """{canonical name: (file, on-disk name, shape)} from the shard headers only."""
-  from safetensors import safe_open
-  found, duplicates = {}, []
-  for path in _shard_files(hf_dir):
-    with safe_open(str(path), framework="np") as f:
-      for name in f.keys():
-        canonical = canonical_name(name)
-        if canonical in found:
-          duplicates.append(f"{name} ({path.name} and {found[canonical][0].name})")
-        found[canonical] = (path, name, tuple(f.get_slice(name).get_shape()))
-  if duplicates:
-    raise ValueError(f"{hf_dir}: tensors stored twice: {duplicates}")
-  return found
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint's tensors do not match the config; the message lists every problem."""
+  return hf_files.read_headers(hf_dir, canonical_name)
 
 
 def check_tensors(rules, found, hf_dir, tied):
-  missing = sorted(set(rules) - set(found))
-  ignorable = {"lm_head.weight"} if tied else set()
-  unexpected = sorted(set(found) - set(rules) - ignorable)
-  misshaped = sorted(f"{name}: file {found[name][2]}, config expects {rules[name].shape}"
-                     for name in set(rules) & set(found) if found[name][2] != rules[name].shape)
-  if missing or unexpected or misshaped:
-    lines = [f"{hf_dir}: checkpoint does not match its config.json"]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mis-shaped", misshaped)):
-      if items:
-        lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) +
-                     (f", ... ({len(items) - 20} more)" if len(items) > 20 else ""))
-    raise CheckpointMismatchError("\n".join(lines))
+  hf_files.check_tensors(rules, found, hf_dir, {"lm_head.weight"} if tied else ())
 
 
 # ---------------------------------------------------------------- loading

@@ -7,7 +7,9 @@ always itself, so a fully padded row never produces a NaN.
 
 The same layer covers the Qwen2.5-VL variants: grouped-query attention (`num_kv_heads`),
 precomputed rotary angles (M-RoPE, 2-D vision RoPE) and an explicit mask (the vision tower's
-bidirectional window/segment mask).
+bidirectional window/segment mask). Non-causal layers (ViTs, the FAE) pass
+`bidirectional_mask`, and may drop the rotary positions (`rope=False`) or the output
+projection (`project_out=False`).
 """
 
 import flax.linen as nn
@@ -28,6 +30,11 @@ def causal_slot_mask(query_slots_t, key_slots_s, key_valid_bs):
   return mask[:, None]
 
 
+def bidirectional_mask(key_valid_bs):
+  """Boolean [B, 1, 1, S]: every query sees every real key (non-causal attention)."""
+  return key_valid_bs.astype(bool)[:, None, None, :]
+
+
 class CausalSelfAttention(nn.Module):
   """Pre-projected causal attention; parameters carry logical axis names.
 
@@ -36,6 +43,10 @@ class CausalSelfAttention(nn.Module):
       n reads key/value head n // (num_heads // num_kv_heads), as in Hugging Face's repeat_kv.
     use_bias: biases on the query, key and value projections.
     out_bias: a bias on the output projection.
+    rope: rotate queries and keys; False for tokens that carry learned absolute positions
+      (a ViT's position table), which then need neither positions nor angles.
+    project_out: False returns the heads concatenated, [B, T, num_heads · head_dim], without
+      the output projection (for a layer that maps them on itself, as the FAE encoder does).
   """
   num_heads: int
   head_dim: int
@@ -45,6 +56,8 @@ class CausalSelfAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
   num_kv_heads: int | None = None
   out_bias: bool = False
+  rope: bool = True
+  project_out: bool = True
 
   def _weight(self, name, shape, axes, init=nn.initializers.lecun_normal()):
     boxed = nn.with_logical_partitioning(init, axes)
@@ -84,10 +97,11 @@ class CausalSelfAttention(nn.Module):
     `positions_bt` (which may then be None); `mask_b1ts` (boolean, broadcastable to
     [B, 1, T, S]) replaces the causal slot mask.
     """
-    if angles_bth is None:
-      angles_bth = rotary.rotary_angles(positions_bt, self.head_dim, self.rope_theta)
-    q = rotary.apply_rotary(self._project_in("query", x_btd), angles_bth)
-    k = rotary.apply_rotary(self._project_kv("key", x_btd), angles_bth)
+    q, k = self._project_in("query", x_btd), self._project_kv("key", x_btd)
+    if self.rope:
+      if angles_bth is None:
+        angles_bth = rotary.rotary_angles(positions_bt, self.head_dim, self.rope_theta)
+      q, k = rotary.apply_rotary(q, angles_bth), rotary.apply_rotary(k, angles_bth)
     v = self._project_kv("value", x_btd)
     num_queries = x_btd.shape[1]
     if layer_cache is None:
@@ -107,6 +121,8 @@ class CausalSelfAttention(nn.Module):
     if mask_b1ts is None:
       mask_b1ts = causal_slot_mask(query_slots, key_slots, key_valid)
     attended_btnh = jax.nn.dot_product_attention(q, keys, values, mask=mask_b1ts)
+    if not self.project_out:
+      return attended_btnh.reshape(*attended_btnh.shape[:2], -1), layer_cache
     w_nhd = self._weight("out_kernel", (self.num_heads, self.head_dim, x_btd.shape[-1]),
                          ("heads", "head_dim", "embed"))
     y_btd = jnp.einsum("btnh,nhd->btd", attended_btnh, w_nhd)

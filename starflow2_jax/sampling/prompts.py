@@ -123,7 +123,7 @@ def prompt_arrays(task, prompts, rng, noise_level):
   for key in ("ids", "valid", "is_visual", "text_target", "prompt_text"):
     batch[key] = batch[key][:, :length]
   batch["positions"] = batch["positions"][:, :, :length]
-  x = task.latents(jnp.asarray(batch.pop("images")))
+  x = task.encode_images(jnp.asarray(batch.pop("images")))
   b, m = x.shape[:2]
   t_b = jnp.full((b,), noise_level, jnp.float32)
   x = noise.add_noise(rng, x.reshape(b, -1, x.shape[-1]), t_b).reshape(x.shape)

@@ -2,6 +2,7 @@
 
 from starflow2_jax.latents import patch
 from starflow2_jax.layers import transformer as transformer_lib
+from starflow2_jax.training import frozen
 
 
 def transformer_config(cfg, remat=False):
@@ -12,8 +13,18 @@ def transformer_config(cfg, remat=False):
 
 
 def build_latent(config):
-  """The latent space of `config.latent` for the images of `config.data`."""
-  if config.latent.name != "patch":
-    raise ValueError(f"config.latent.name={config.latent.name!r}: only 'patch' exists so far")
-  return patch.PatchLatent(tuple(config.data.image_size), config.data.channels,
-                           config.latent.patch_size)
+  """The latent space (`latents.space.LatentSpace`) of `config.latent` for the images of
+  `config.data`: "patch" (`patch_size`) or "fae" (`fae_workdir`: a trained FAE run)."""
+  name = config.latent.name
+  if name == "patch":
+    return patch.PatchLatent(tuple(config.data.image_size), config.data.channels,
+                             config.latent.patch_size)
+  if name == "fae":
+    latent = frozen.load_fae_latent(config.latent.fae_workdir)
+    decoded = tuple(latent.config.image_size) + (latent.config.channels,)
+    wanted = tuple(config.data.image_size) + (config.data.channels,)
+    if decoded != wanted:
+      raise ValueError(f"the FAE in {config.latent.fae_workdir} decodes {decoded} images; "
+                       f"config.data wants {wanted}")
+    return latent
+  raise ValueError(f"config.latent.name={name!r} is not 'patch' or 'fae'")

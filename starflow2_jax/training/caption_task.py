@@ -90,7 +90,8 @@ class CaptionToImageTask:
   def loss(self, params, batch, rng):
     """Multi-noise flow NLL, weighted per example, with caption dropout for CFG."""
     cfg = self.config
-    x, t, rng_drop = losses.noisy_latents(rng, self.latent.encode(batch["image"]), cfg.noise)
+    x, t, rng_drop = losses.noisy_latents(rng, self.latent.encode(batch["image"]), cfg.noise,
+                                          self.latent.dequantize)
     keep = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (x.shape[0],))
     nll = self.nll(params, x, t, batch, keep)
     loss = jnp.mean(noise.loss_weights(t, cfg.noise.loss_weighting) * nll)
@@ -99,10 +100,10 @@ class CaptionToImageTask:
   def eval_metrics(self, params, batch, rng):
     """Held-out NLL: a variational bound on the 8-bit data (uniform dequantisation), with
     the model conditioned on the smallest noise level `eval.noise_level`."""
-    x = losses.uniform_dequantize(rng, self.latent.encode(batch["image"]))
+    x = self.latent.dequantize(rng, self.latent.encode(batch["image"]))
     t = jnp.full((x.shape[0],), self.config.eval.noise_level, jnp.float32)
     nll = jnp.mean(self.nll(params, x, t, batch))
-    return {"nll": nll, "pixel_bpd": likelihood.pixel_bits_per_dim(nll)}
+    return {"nll": nll, **self.latent.likelihood_metrics(nll)}
 
   # ---- sampling -----------------------------------------------------------------------
 

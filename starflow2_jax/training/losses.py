@@ -9,23 +9,19 @@ import optax
 from starflow2_jax.flows import noise
 
 
-def uniform_dequantize(rng, x):
-  """Spreads each 8-bit bin centre uniformly over its bin (width 2/256)."""
-  return x + jax.random.uniform(rng, x.shape, jnp.float32, -1 / 256, 1 / 256)
-
-
 class NoisyLatents(NamedTuple):
   x: jnp.ndarray            # x̃ = dequantised x + t ε, the shape of the input latents
   t_b: jnp.ndarray          # each example's noise level [B]
   rng_dropout: jax.Array    # a fourth key, for the caller's caption dropout
 
 
-def noisy_latents(rng, x, noise_cfg):
-  """Multi-noise training inputs: dequantise, draw t ~ U[t_min, t_max] per example, add t ε.
+def noisy_latents(rng, x, noise_cfg, dequantize):
+  """Multi-noise training inputs: dequantise (the latent space's `dequantize`), draw
+  t ~ U[t_min, t_max] per example, add t ε.
 
   `x` is [B, N, D] or [B, M, N, D] (every image of an example shares its t)."""
   rng_deq, rng_t, rng_eps, rng_dropout = jax.random.split(rng, 4)
-  x = uniform_dequantize(rng_deq, x)
+  x = dequantize(rng_deq, x)
   batch = x.shape[0]
   t_b = noise.sample_noise_levels(rng_t, batch, noise_cfg.t_min, noise_cfg.t_max)
   x = noise.add_noise(rng_eps, x.reshape(batch, -1, x.shape[-1]), t_b).reshape(x.shape)

@@ -11,6 +11,7 @@ a partial restore: the skips stage 3 adds keep their zero init) and the VLM from
 Qwen2.5-VL checkpoint (`init.vlm_checkpoint`).
 """
 
+import dataclasses
 import os
 
 import jax
@@ -19,7 +20,6 @@ import jax.numpy as jnp
 from data_pipelines import examples
 from data_pipelines import text as text_lib
 from starflow2_jax.convert import qwen
-from starflow2_jax.flows import likelihood
 from starflow2_jax.flows import noise
 from starflow2_jax.flows import stack
 from starflow2_jax.models import pretzel
@@ -58,6 +58,8 @@ def build_model(config, latent_dim):
 
 
 def build_layout(config, latent):
+  """The sequence layout of `config.data` (images as pixels; `example_transform` adds the
+  precomputed latents when `data.precomputed_latents` says the records carry them)."""
   d = config.data
   return examples.SequenceLayout(
       max_length=d.max_length, max_images=d.max_images, grid=latent.grid,
@@ -82,8 +84,12 @@ class PretzelTask:
   # ---- data ---------------------------------------------------------------------------
 
   def example_transform(self):
-    return examples.InterleavedExample(self.layout, self.tokenizer.ids,
-                                          self.config.data.prompt_segments)
+    layout = self.layout
+    if self.config.data.get("precomputed_latents", False):
+      layout = dataclasses.replace(
+          layout, latent_shape=(self.latent.num_tokens, self.latent.token_dim))
+    return examples.InterleavedExample(layout, self.tokenizer.ids,
+                                       self.config.data.prompt_segments)
 
   @property
   def positions_per_example(self):
@@ -101,10 +107,18 @@ class PretzelTask:
         image_positions=jnp.zeros((batch, m, n), jnp.int32),
         image_valid=jnp.zeros((batch, m), bool), image_target=jnp.zeros((batch, m), bool))
 
-  def latents(self, images_bmhwc):
+  def encode_images(self, images_bmhwc):
+    """uint8 images [B, M, H, W, C] -> latents [B, M, N, D]."""
     b, m = images_bmhwc.shape[:2]
     x = self.latent.encode(images_bmhwc.reshape((b * m,) + images_bmhwc.shape[2:]))
     return x.reshape((b, m) + x.shape[1:])
+
+  def batch_latents(self, batch):
+    """A batch's image latents: precomputed ones where the records carry them, else
+    encoded from the pixels."""
+    if "image_latents" in batch:
+      return batch["image_latents"]
+    return self.encode_images(batch["images"])
 
   # ---- model --------------------------------------------------------------------------
 
@@ -117,7 +131,7 @@ class PretzelTask:
 
   def init_params(self, rng):
     b = self.dummy_batch()
-    x = self.latents(b["images"])
+    x = self.encode_images(b["images"])
     t = jnp.full((1,), self.config.noise.t_min)
     return self.model.init(rng, b["ids"], x, b["image_positions"], b["image_valid"],
                            b["is_visual"], jnp.moveaxis(b["positions"], 1, 0), b["valid"],
@@ -154,7 +168,8 @@ class PretzelTask:
     if stage.text_only:
       metrics = self.text_metrics(params, batch)
       return metrics["loss"], metrics
-    x, t, rng_drop = losses.noisy_latents(rng, self.latents(batch["images"]), cfg.noise)
+    x, t, rng_drop = losses.noisy_latents(rng, self.batch_latents(batch), cfg.noise,
+                                          self.latent.dequantize)
     valid = batch["valid"]
     if stage.caption_dropout:
       keep_b = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (x.shape[0],))
@@ -183,18 +198,19 @@ class PretzelTask:
     return loss, metrics
 
   def eval_metrics(self, params, batch, rng):
-    """Held-out image NLL at the lowest noise level (pixel bits/dim for the patch latent)
+    """Held-out image NLL at the lowest noise level (pixel bits/dim for the patch latent,
+    bits per latent dimension for a learned one)
     and the next-token loss and accuracy on the target text."""
     if self.stage.text_only:
       return self.text_metrics(params, batch)
-    x = losses.uniform_dequantize(rng, self.latents(batch["images"]))
+    x = self.latent.dequantize(rng, self.batch_latents(batch))
     t = jnp.full((x.shape[0],), self.config.eval.noise_level, jnp.float32)
     out = self.apply(params, batch, x, t, with_logits=self.stage.ntp_loss)
     metrics = {}
     if self.stage.flow_loss:        # (stage 2's records have no target images)
       nll = losses.masked_mean(out.images.nll_per_dim(),
                                batch["image_valid"] & batch["image_target"])
-      metrics.update(nll=nll, pixel_bpd=likelihood.pixel_bits_per_dim(nll))
+      metrics.update(nll=nll, **self.latent.likelihood_metrics(nll))
     if self.stage.ntp_loss:
       ntp, accuracy = losses.batch_text_loss(out.logits_btv, batch)
       metrics.update(ntp=ntp, token_accuracy=accuracy)

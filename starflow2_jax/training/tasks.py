@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 
 from starflow2_jax.training import caption_task
+from starflow2_jax.training import dinov2_task
+from starflow2_jax.training import fae_task
 from starflow2_jax.training import pretzel_task
 
 Params = Any      # a pytree of arrays
@@ -56,6 +58,8 @@ class Task(Protocol):
 
 TASKS = {
     "caption_to_image": caption_task.CaptionToImageTask,
+    "dinov2_pretrain": dinov2_task.Dinov2PretrainTask,
+    "fae": fae_task.FAETask,
     "pretzel": pretzel_task.PretzelTask,
 }
 
