@@ -27,7 +27,8 @@ setuptools.setup(
         "console_scripts": ["starflow2=starflow2_jax.cli:main"],
         # The demos plug into the library's extension points; the library never imports them.
         "starflow2.commands": ["demo=demos.staged_demo:COMMAND",
-                               "caption-demo=demos.caption_demo:COMMAND"],
+                               "caption-demo=demos.caption_demo:COMMAND",
+                               "fae-demo=demos.fae_demo:COMMAND"],
         "starflow2.record_sources": [
             "fashion_mnist=demos.fashion_mnist:record_source",
             "fashion_mnist_stages=demos.fashion_mnist_stages:record_source"],

@@ -13,8 +13,8 @@ import pytest
 from starflow2_jax import sharding
 from starflow2_jax.latents import patch as patch_latent
 from starflow2_jax.models import fae
-from tests import helpers
-from tests.tolerance import assert_float32_close
+import helpers
+from tolerance import assert_float32_close
 
 TINY = fae.PRESETS["tiny"]
 BATCH = 2
