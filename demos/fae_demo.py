@@ -36,6 +36,7 @@ from starflow2_jax import cli
 from starflow2_jax import image_io
 from starflow2_jax.latents import precompute
 from starflow2_jax.training import fae_task
+from starflow2_jax.training import frozen
 from starflow2_jax.training import trainer
 
 LATENT_SPLITS = ("generate_train", "generate_test", "understand_train", "understand_test")
@@ -103,7 +104,9 @@ def run(workdir, source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, size="", judge_per
 
   test_images, test_labels = fashion_mnist.load_idx_split(source_dir, "test")
   test_images = test_images[:test_examples, :, :, None]
-  latent = pixels.task.latent_space(jax.device_get(pixels.state.params))
+  summary.update({f"fae_raw_{k}": fae_eval[k] for k in (
+      "latent_abs_mean_max", "latent_std_min", "latent_std_max")})   # before standardising
+  latent = frozen.load_fae_latent(path("fae_pixels"))
   mean, std = latent_statistics(latent, test_images)
   summary.update(fae_latent_channel_mean=mean.tolist(), fae_latent_channel_std=std.tolist(),
                  fae_latent_abs_mean_max=float(np.max(np.abs(mean))),

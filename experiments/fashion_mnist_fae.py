@@ -31,7 +31,8 @@ SIZES = {
                  feature_decoder_layers=2, feature_decoder_heads=4,
                  feature_decoder_mlp_hidden=172, pixel_decoder_width=96, pixel_decoder_layers=3,
                  pixel_decoder_heads=4, pixel_decoder_mlp_ratio=4.0),
-        steps=dict(dinov2=1200, fae=1500, fae_pixels=500), batch_size=64),
+        steps=dict(dinov2=500, fae=500, fae_pixels=200, stage1=700, stage2=400),
+        batch_size=64),
     "tiny": dict(
         dinov2=dict(preset="tiny", patch_size=4, image_size=28, hidden_size=32, num_layers=1,
                     num_heads=2),
@@ -88,10 +89,19 @@ def get_config(preset="fae"):
     raise ValueError(f"unknown size {size!r} in preset {preset!r}: use '' or 'tiny'")
   if name in IMAGE_RUNS:
     return _image_run(name, size)
+  if name == "stage0":      # text alone: no latent space involved
+    return stages_experiment.get_config(preset)
   if name.startswith("stage"):
     c = stages_experiment.get_config(preset)
     c.latent = dict(name="fae", fae_workdir="")   # the fae_pixels run's workdir
+    # Stage 0 (shared with the patch latent) trains only the VLM; the flow's parameters whose
+    # shape depends on the latent's D start fresh instead of from its untrained ones.
+    c.init.reinitialise = ["(?!vlm/).*"]
     c.data.precomputed_latents = False            # True: records from precompute-latents
+    steps = SIZES[size]["steps"].get(name)
+    if steps:    # the demo's budget: the same steps for both latent spaces (fae_demo.py)
+      c.train.update(steps=steps, checkpoint_every=steps)
+      c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, steps // 5)
     return c
   raise ValueError(f"unknown preset {preset!r} for {__name__}: use one of "
                    f"{IMAGE_RUNS + ('stage0', 'stage1', 'stage2', 'stage3')} (+ '-tiny')")

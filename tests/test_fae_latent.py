@@ -76,11 +76,31 @@ def test_fae_latent_is_dinov2_then_the_encoder_mean(runs):
                                              method="encode")
   # Same operations: equal up to float32 rounding through DINOv2's patch embedding, layer
   # and final norm and the encoder's layer (depth 4), longest sum the MLP's 128 terms.
-  assert_float32_close(x, mean, depth=4, reduction=128)
+  standardised = (mean - latent.shift) / latent.scale
+  assert_float32_close(x, standardised, depth=4, reduction=128)
   decoded = latent.decode(x)
   assert decoded.shape == images.shape and decoded.dtype == jnp.uint8
   assert latent.dequantize(jax.random.key(0), x) is x
   assert set(latent.likelihood_metrics(jnp.float32(1.0))) == {"latent_bpd"}
+
+
+def test_fae_latents_are_standardised_by_their_training_images(runs):
+  """shift and scale are the training images' per-channel statistics: their standardised
+  latents, recomputed here, have mean 0 and std 1 in every channel; and the statistics are
+  kept beside the run, so a second load reads the same numbers."""
+  latent = builders.build_latent(_stage_config(runs, 1))
+  _, count, recs = precompute.read_split(str(runs / "data"), "generate_train")
+  images = np.stack([s.to_array() for r in recs for s in r.segments
+                     if isinstance(s, records.ImageSegment)])
+  assert len(images) == count == 16
+  x = np.asarray(latent.encode(images)).reshape(-1, latent.token_dim)
+  # Means of 16·49 float32 values of unit scale: rounding far below 1e-4.
+  np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(x.std(0), 1.0, rtol=1e-4)
+  assert not np.allclose(latent.scale, 1.0)          # the raw posterior means are not unit
+  again = builders.build_latent(_stage_config(runs, 1))
+  np.testing.assert_array_equal(again.shift, latent.shift)
+  np.testing.assert_array_equal(again.scale, latent.scale)
 
 
 def test_precomputed_records_hold_each_images_latent(runs):

@@ -239,3 +239,20 @@ def test_a_prompt_ending_in_a_stop_token_still_generates(model_and_params):
   prompt, x = prompt_batch([[("text", [3, 5, STOP])], [("text", [9, STOP])]])
   seq = compiled(model, spec(max_new=4))(params, prompt, x, jax.random.key(0))
   assert np.all(np.asarray(seq.generated).sum(axis=1) >= 1)
+
+
+def test_text_draws_only_ids_the_tokenizer_can_decode(model_and_params):
+  """An LM head wider than the tokenizer (vocabularies padded to a multiple of 8) never
+  yields an id past `num_token_ids`; without the cap, random draws do reach them."""
+  model, params = model_and_params
+  prompt, x = prompt_batch([[("text", [3, 5])], [("text", [9])]] * 4)
+  structural = {IMAGE_PAD, VISION_END}           # written by the sampler, not drawn
+  limit = 30                                     # of the head's 48 ids
+  drawn = []
+  for cap in (None, limit):
+    out = compiled(model, spec(max_new=12, text_temperature=3.0, stop_ids=(),
+                               num_token_ids=cap))(params, prompt, x, jax.random.key(3))
+    ids, generated = np.asarray(out.ids), np.asarray(out.generated)
+    drawn.append({int(i) for i in ids[generated]} - structural)
+  assert max(drawn[0]) >= limit           # the uncapped head does draw the padding ids
+  assert max(drawn[1]) < limit

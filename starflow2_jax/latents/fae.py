@@ -4,9 +4,11 @@
     x --feature decoder--> features --pixel decoder--> images
 
 The latent is the encoder's posterior *mean* (deterministic, so latents precomputed once
-equal those computed at every step); the KL term of the FAE's training keeps its scale
-near the prior's (the FAE task reports each channel's mean and std). Pixels decoded on the
-[−1, 1] scale map back to 8-bit values with the patch latent's bins.
+equal those computed at every step), standardised per channel by `shift` and `scale` —
+statistics of the FAE's training images, as latent diffusion scales its latents — so the
+flow sees zero-mean, unit-scale data whatever β left the KL at
+(`training.frozen.latent_statistics`). Pixels decoded on the [−1, 1] scale map back to
+8-bit values with the patch latent's bins.
 
 The latent holds its frozen parameters (`training.frozen` loads them from a converted
 DINOv2 or a pretraining workdir, and an FAE workdir); calls inside a jitted step close
@@ -65,6 +67,8 @@ class FAELatent:
   dinov2: FrozenDinov2
   config: object             # models.fae.FAEConfig
   params: object             # the FAE's parameters {encoder, feature_decoder, pixel_decoder}
+  shift: object = 0.0        # [D] per-channel mean of the posterior means (or 0)
+  scale: object = 1.0        # [D] per-channel std (or 1)
 
   def __post_init__(self):
     grid = (self.dinov2.config.grid,) * 2
@@ -88,13 +92,18 @@ class FAELatent:
   def token_dim(self):
     return self.config.latent_dim
 
-  def encode(self, images_bhwc):
+  def posterior_mean(self, images_bhwc):
+    """The encoder's posterior mean, before standardisation."""
     mean, _ = self.module.apply({"params": self.params}, self.dinov2.features(images_bhwc),
                                 method="encode")
     return mean
 
+  def encode(self, images_bhwc):
+    return (self.posterior_mean(images_bhwc) - jnp.asarray(self.shift)) / jnp.asarray(self.scale)
+
   def decode_features(self, x_bnd):
-    return self.module.apply({"params": self.params}, x_bnd, method="decode_features")
+    mean = x_bnd * jnp.asarray(self.scale) + jnp.asarray(self.shift)
+    return self.module.apply({"params": self.params}, mean, method="decode_features")
 
   def decode(self, x_bnd):
     images = self.module.apply({"params": self.params}, self.decode_features(x_bnd),

@@ -47,6 +47,8 @@ class SamplerSpec:
     text_temperature: 0 = greedy.
     image_temperature: τ, the scale of the Gaussian draws.
     guidance_weight: None = plain conditional sampling; w = classifier-free guidance.
+    num_token_ids: ids the tokenizer can decode (the LM head may be padded wider, e.g. to
+      a multiple of 8); ids from here up are never drawn. None: every id of the head.
   """
   grid: tuple
   vision_start_id: int
@@ -59,6 +61,7 @@ class SamplerSpec:
   text_temperature: float = 0.0
   image_temperature: float = 1.0
   guidance_weight: float | None = None
+  num_token_ids: int | None = None
 
   @property
   def num_elements(self):
@@ -130,6 +133,9 @@ def _draw_element(spec, rng, mean_rd, log_s_rd):
 
 
 def _draw_token(spec, rng, logits_bv):
+  if spec.num_token_ids is not None and spec.num_token_ids < logits_bv.shape[-1]:
+    decodable_v = jnp.arange(logits_bv.shape[-1]) < spec.num_token_ids
+    logits_bv = jnp.where(decodable_v, logits_bv, -jnp.inf)
   if spec.text_temperature == 0:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, logits_bv / spec.text_temperature).astype(jnp.int32)

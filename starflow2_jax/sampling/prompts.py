@@ -90,7 +90,7 @@ def sampler_spec(task, **overrides):
       stop_ids=tuple(task.tokenizer.ids(" ".join(s.stop_words))) if s.get("stop_words") else (),
       max_new=s.max_new, noise_level=generation_noise_level(task.config),
       text_temperature=s.text_temperature, image_temperature=s.temperature,
-      guidance_weight=s.guidance_weight)
+      guidance_weight=s.guidance_weight, num_token_ids=task.tokenizer.vocab_size)
   fields.update(overrides)
   return sampler.SamplerSpec(**fields)
 
