@@ -153,11 +153,7 @@ class InterleavedExample:
       if isinstance(segment, records.TextSegment):
         builder.add_text(self.encode_text(segment.text), target)
         continue
-      image = segment.to_array()
-      if image.shape != tuple(lay.image_shape):
-        raise pipeline.RecordMismatchError(
-            f"image shape {image.shape}, expected {tuple(lay.image_shape)} (HxWxC)")
-      builder.add_image(image, target, self._latent(segment))
+      builder.add_image(_pixels(segment, lay.image_shape), target, self._latent(segment))
     if len(builder.images) > lay.max_images:
       raise pipeline.RecordMismatchError(
           f"{len(builder.images)} images, more than max_images={lay.max_images}")
@@ -182,6 +178,23 @@ class InterleavedExample:
     return latent
 
 
+def _pixels(segment, image_shape):
+  """An image segment's uint8 pixels, which must have `image_shape` (H, W, C)."""
+  image = segment.to_array()
+  if image.shape != tuple(image_shape):
+    raise pipeline.RecordMismatchError(
+        f"image shape {image.shape}, expected {tuple(image_shape)} (HxWxC)")
+  return image
+
+
+def _label(record):
+  """meta "label" as int32 (-1 when absent)."""
+  label = record.meta.get("label", -1)
+  if not isinstance(label, int):
+    raise pipeline.RecordMismatchError(f"meta 'label' is {label!r}, not an int")
+  return np.int32(label)
+
+
 @dataclasses.dataclass(frozen=True)
 class CaptionImageExample:
   """Maps a one-caption, one-image record to fixed-shape arrays for text-image training.
@@ -201,16 +214,9 @@ class CaptionImageExample:
       raise pipeline.RecordMismatchError(
           f"expected one text and one image segment, got {len(texts)} text and "
           f"{len(images)} image")
-    image = images[0].to_array()
-    if image.shape != tuple(self.image_shape):
-      raise pipeline.RecordMismatchError(
-          f"image shape {image.shape}, expected {tuple(self.image_shape)} (HxWxC)")
-    label = record.meta.get("label", -1)
-    if not isinstance(label, int):
-      raise pipeline.RecordMismatchError(f"meta 'label' is {label!r}, not an int")
     ids, mask = self.tokenizer.encode(texts[0].text, self.max_caption_len)
-    return {"image": image, "caption_ids": ids, "caption_mask": mask,
-            "label": np.int32(label)}
+    return {"image": _pixels(images[0], self.image_shape), "caption_ids": ids,
+            "caption_mask": mask, "label": _label(record)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,11 +234,4 @@ class ImageExample:
     images = [s for s in record.segments if isinstance(s, records.ImageSegment)]
     if not images:
       raise pipeline.RecordMismatchError("the record has no image segment")
-    image = images[0].to_array()
-    if image.shape != tuple(self.image_shape):
-      raise pipeline.RecordMismatchError(
-          f"image shape {image.shape}, expected {tuple(self.image_shape)} (HxWxC)")
-    label = record.meta.get("label", -1)
-    if not isinstance(label, int):
-      raise pipeline.RecordMismatchError(f"meta 'label' is {label!r}, not an int")
-    return {"image": image, "label": np.int32(label)}
+    return {"image": _pixels(images[0], self.image_shape), "label": _label(record)}

@@ -211,24 +211,12 @@ def abstract_shapes(config):
 def load_planned(plan):
   """Reads, rearranges and casts each tensor in turn; the nested float32 numpy params."""
   from flax import traverse_util
-  from safetensors import safe_open
   shapes = abstract_shapes(plan.config)
-  by_file = {}
-  for name in plan.rules:
-    path, stored_name, _ = plan.found[name]
-    by_file.setdefault(path, []).append((name, stored_name))
   params = {}
-  for path, names in by_file.items():
-    with safe_open(str(path), framework="np") as f:
-      for name, stored_name in names:
-        source = f.get_tensor(stored_name)
-        for target, fn in plan.rules[name].targets:
-          host = np.ascontiguousarray(fn(source).astype(np.float32, copy=False))
-          if host.shape != shapes[target]:      # a bug in the rule table, never a user error
-            raise AssertionError(f"{name} -> {'/'.join(target)}: {host.shape} != "
-                                 f"{shapes[target]}")
-          params[target] = host
-        del source
+  for name, _, target, host in hf_files.planned_tensors(plan.rules, plan.found, np.float32):
+    if host.shape != shapes[target]:      # a bug in the rule table, never a user error
+      raise AssertionError(f"{name} -> {'/'.join(target)}: {host.shape} != {shapes[target]}")
+    params[target] = host
   if set(params) != set(shapes):                # likewise a bug in the table
     raise AssertionError(f"parameters without a tensor: {sorted(set(shapes) - set(params))}")
   return traverse_util.unflatten_dict(params)

@@ -103,3 +103,21 @@ def check_tensors(rules, found, hf_dir, ignorable=()):
         lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) +
                      (f", ... ({len(items) - 20} more)" if len(items) > 20 else ""))
     raise CheckpointMismatchError("\n".join(lines))
+
+
+def planned_tensors(rules, found, dtype):
+  """Yields (on-disk name, source tensor, Flax path, rearranged host copy in `dtype`) for
+  every rule, reading one tensor at a time, file by file (each safetensors file opened
+  once); the source tensor is dropped before the next is read."""
+  from safetensors import safe_open
+  by_file = {}
+  for name in rules:
+    path, stored_name, _ = found[name]
+    by_file.setdefault(path, []).append((name, stored_name))
+  for path, names in by_file.items():
+    with safe_open(str(path), framework="np") as f:
+      for name, stored_name in names:
+        source = f.get_tensor(stored_name)
+        for target, fn in rules[name].targets:
+          yield name, source, target, np.ascontiguousarray(fn(source).astype(dtype, copy=False))
+        del source

@@ -196,31 +196,22 @@ def plan_import(hf_dir, config=None, *, dtype=jnp.float32, mesh=None,
 def load_planned(plan, stats=None):
   """Reads, rearranges, casts and places each tensor in turn; returns the nested params."""
   from flax import traverse_util
-  from safetensors import safe_open
   stats = stats if stats is not None else LoadStats()
-  np_dtype = np.dtype(plan.dtype)
-  by_file = {}
-  for name in plan.rules:
-    path, stored_name, _ = plan.found[name]
-    by_file.setdefault(path, []).append((name, stored_name))
-  params = {}
-  for path, names in by_file.items():
-    with safe_open(str(path), framework="np") as f:
-      for name, stored_name in names:
-        source = f.get_tensor(stored_name)
-        stats.tensors_read += 1
-        stats.max_source_tensors_alive = max(stats.max_source_tensors_alive, 1)
-        stats.largest_tensor_bytes = max(stats.largest_tensor_bytes, source.nbytes)
-        for target, fn in plan.rules[name].targets:
-          host = np.ascontiguousarray(fn(source).astype(np_dtype, copy=False))
-          stats.peak_host_bytes = max(stats.peak_host_bytes, source.nbytes + host.nbytes)
-          expected = plan.shapes[target].shape
-          if host.shape != expected:      # a bug in the rule table, never a user error
-            raise AssertionError(f"{name} -> {'/'.join(target)}: {host.shape} != {expected}")
-          params[target] = jax.make_array_from_callback(
-              host.shape, plan.shardings[target], lambda index, host=host: host[index])
-          del host
-        del source
+  params, counted = {}, set()
+  for name, source, target, host in hf_files.planned_tensors(plan.rules, plan.found,
+                                                             np.dtype(plan.dtype)):
+    if name not in counted:
+      counted.add(name)
+      stats.tensors_read += 1
+      stats.max_source_tensors_alive = max(stats.max_source_tensors_alive, 1)
+      stats.largest_tensor_bytes = max(stats.largest_tensor_bytes, source.nbytes)
+    stats.peak_host_bytes = max(stats.peak_host_bytes, source.nbytes + host.nbytes)
+    expected = plan.shapes[target].shape
+    if host.shape != expected:      # a bug in the rule table, never a user error
+      raise AssertionError(f"{name} -> {'/'.join(target)}: {host.shape} != {expected}")
+    params[target] = jax.make_array_from_callback(
+        host.shape, plan.shardings[target], lambda index, host=host: host[index])
+    del host
   return traverse_util.unflatten_dict(params)
 
 

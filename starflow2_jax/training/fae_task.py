@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import examples
-from starflow2_jax.latents import fae as fae_latent
 from starflow2_jax.latents import patch
 from starflow2_jax.models import fae as fae_lib
 from starflow2_jax.training import checkpointing
@@ -156,10 +155,6 @@ class FAETask:
 
   def sample_grid(self, params, rng):
     return None
-
-  def latent_space(self, params):
-    """The `FAELatent` these parameters define."""
-    return fae_latent.FAELatent(self.dinov2, self.fae_config, params["fae"])
 
 
 def reconstructions(latent, images, batch=256):
