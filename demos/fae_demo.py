@@ -205,5 +205,5 @@ def _run_command(fv):
 
 
 COMMAND = cli.Command(
-    "STARFlow2 on FAE latents vs the patch latent on Fashion-MNIST, same steps (~20 min)",
+    "STARFlow2 on FAE latents vs the patch latent on Fashion-MNIST, same steps (~19 min)",
     "starflow2 fae-demo --workdir runs/fae_demo", _define_flags, _run_command)

@@ -149,10 +149,23 @@ def test_stages_read_images_or_precomputed_latents_with_the_same_loss(runs, stag
   assert abs(float(losses[0]) - float(losses[1])) <= 1e-5 * max(1.0, abs(float(losses[0])))
 
 
-def test_stage1_trains_on_fae_latents(runs):
-  result = trainer.train(_stage_config(runs, 1, train__steps=2), str(runs / "stage1"))
-  assert np.isfinite(result.summary["train_loss"])
-  assert result.summary["stopped_early"] is False
+def test_stages_1_to_3_train_on_fae_latents(runs):
+  """Each stage warm-starts from the one before: stage 1 encodes the images at every step,
+  stages 2 and 3 read precomputed latents."""
+  latent = builders.build_latent(_stage_config(runs, 1))
+  out = runs / "latents_chain"
+  for split in ("understand_train", "understand_test", "mixture_train", "mixture_test"):
+    precompute.precompute_split(latent, str(runs / "data"), str(out), split)
+  previous = ""
+  for stage in (1, 2, 3):
+    fields = dict(train__steps=2, init__from_workdir=previous)
+    if stage > 1:
+      fields.update(data__dir=str(out), data__precomputed_latents=True)
+    workdir = str(runs / f"chain_stage{stage}")
+    result = trainer.train(_stage_config(runs, stage, **fields), workdir)
+    assert np.isfinite(result.summary["train_loss"]), stage
+    assert result.summary["stopped_early"] is False, stage
+    previous = workdir
 
 
 def test_fae_run_reports_reconstruction_metrics(runs):
