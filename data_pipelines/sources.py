@@ -4,7 +4,8 @@ Writing records is this module's job alone (training only reads them). A source 
 
     write(out_dir, options: SourceOptions) -> {split: writers.WriteSummary}
 
-Built in: `image_folder` (a folder of images plus a JSONL of captions). Other sources plug in
+Built in: `image_folder` (a folder of images plus a JSONL of captions) and `webdataset` (tar
+shards of image + caption samples, `webdataset.py`). Other sources plug in
 through the `starflow2.record_sources` entry-point group of an installed distribution — this
 repository's demos register their Fashion-MNIST sources there (setup.py), so the library
 never imports them.
@@ -16,6 +17,7 @@ import logging
 import os
 
 from data_pipelines import image_folder
+from data_pipelines import webdataset
 from data_pipelines import writers
 
 ENTRY_POINT_GROUP = "starflow2.record_sources"
@@ -23,10 +25,12 @@ ENTRY_POINT_GROUP = "starflow2.record_sources"
 
 @dataclasses.dataclass(frozen=True)
 class SourceOptions:
-  """What a source may read: its input directory, a caption file, the split to write."""
+  """What a source may read: its input directory, a caption file, the split to write, and
+  the square size images are resized and centre-cropped to (None: kept as they are)."""
   source_dir: str | None = None
   captions_jsonl: str | None = None
   split: str = "train"
+  image_size: int | None = None
 
 
 def _image_folder(out_dir, options):
@@ -37,7 +41,14 @@ def _image_folder(out_dir, options):
       options.source_dir, options.captions_jsonl, out_dir, options.split)}
 
 
-BUILT_IN = {"image_folder": _image_folder}
+def _webdataset(out_dir, options):
+  if not options.source_dir:
+    raise ValueError("the webdataset source needs source_dir (a folder of .tar shards)")
+  return {options.split: webdataset.write_webdataset(options.source_dir, out_dir, options.split,
+                                                     options.image_size)}
+
+
+BUILT_IN = {"image_folder": _image_folder, "webdataset": _webdataset}
 
 
 def available():

@@ -143,13 +143,16 @@ def _define_prepare_data(fv, argv):
                       "idx files, the image folder).", flag_values=fv)
   flags.DEFINE_string("captions_jsonl", None, "image_folder: a JSONL of {file, caption}.",
                       flag_values=fv)
-  flags.DEFINE_string("split", "train", "image_folder: the split to write.", flag_values=fv)
+  flags.DEFINE_string("split", "train", "image_folder, webdataset: the split to write.",
+                      flag_values=fv)
+  flags.DEFINE_integer("image_size", None, "webdataset: resize the shorter side to this and "
+                       "centre-crop a square (default: keep the images' size).", flag_values=fv)
 
 
 def _prepare_data(fv):
   from data_pipelines import sources
   source, out = require(fv, "source", "out")
-  options = sources.SourceOptions(fv.source_dir, fv.captions_jsonl, fv.split)
+  options = sources.SourceOptions(fv.source_dir, fv.captions_jsonl, fv.split, fv.image_size)
   for split, summary in sources.prepare(source, out, options).items():
     print(f"{split}: {summary.written} written, {summary.skipped} skipped -> {out}")
 
@@ -286,7 +289,9 @@ LIBRARY_COMMANDS = {
         "write ArrayRecord records from a source (the only writer of records)",
         "starflow2 prepare-data --source fashion_mnist --out data/fm\n"
         "starflow2 prepare-data --source image_folder --source_dir images/ "
-        "--captions_jsonl captions.jsonl --split train --out data/mine",
+        "--captions_jsonl captions.jsonl --split train --out data/mine\n"
+        "starflow2 prepare-data --source webdataset --source_dir shards/ --image_size 256 "
+        "--split train --out data/cc",
         _define_prepare_data, _prepare_data),
     "convert-qwen": Command(
         "a Hugging Face Qwen2.5-VL checkpoint -> an Orbax copy",
