@@ -88,7 +88,9 @@ class ImageSegment:
     else:
       raise ValueError(f"image array must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    # Level 1 of 9: a third of the default's encoding time (15 ms -> 5.6 ms for a 256-px
+    # photo, the bulk of a conversion), for files somewhat larger; PNG stays lossless.
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG", compress_level=1)
     return cls(buffer.getvalue())
 
   def to_array(self):
