@@ -105,3 +105,12 @@ def write_image_folder(image_dir, captions_jsonl, out_dir, split, image_size=Non
   summary.files = [os.path.basename(p) for p in paths]
   writers.save_summary(summary, out_dir, split)
   return summary
+
+
+def source(out_dir, options):
+  """`prepare-data --source image_folder`: --source_dir (the images), --annotations (the
+  caption JSONL), --split."""
+  from data_pipelines import sources   # the registry imports this module lazily
+  image_dir, captions = sources.require_options(options, "image_folder", "source_dir",
+                                                "annotations")
+  return {options.split: write_image_folder(image_dir, captions, out_dir, options.split)}

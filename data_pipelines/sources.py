@@ -4,20 +4,21 @@ Writing records is this module's job alone (training only reads them). A source 
 
     write(out_dir, options: SourceOptions) -> {split: writers.WriteSummary}
 
-Built in: `image_folder` (a folder of images plus a JSONL of captions) and `webdataset` (tar
-shards of image + caption samples, `webdataset.py`). Other sources plug in
+Built in (BUILT_IN, one module each, imported when used): `image_folder` (a folder of images
+plus a JSONL of captions), `webdataset` (tar shards), `parquet`, `llava` (conversation JSON),
+`editing` (source, instruction, edited triplets), `interleaved` (documents of text and
+images) and `tfds` (a TFDS dataset prepared on disk). Other sources plug in
 through the `starflow2.record_sources` entry-point group of an installed distribution — this
 repository's demos register their Fashion-MNIST sources there (setup.py), so the library
 never imports them.
 """
 
 import dataclasses
+import importlib
 import importlib.metadata
 import logging
 import os
 
-from data_pipelines import image_folder
-from data_pipelines import webdataset
 from data_pipelines import writers
 
 ENTRY_POINT_GROUP = "starflow2.record_sources"
@@ -25,36 +26,54 @@ ENTRY_POINT_GROUP = "starflow2.record_sources"
 
 @dataclasses.dataclass(frozen=True)
 class SourceOptions:
-  """What a source may read: its input directory, a caption file, the split to write, and
-  the square size images are resized and centre-cropped to (None: kept as they are)."""
+  """What a source may read (each source uses the fields it needs and says which it lacks).
+
+  source_dir: its input directory (tar shards, Parquet files, images, a TFDS dataset).
+  annotations: a file describing the input (image_folder's caption JSONL, LLaVA's
+    conversation JSON, an editing or interleaved JSONL).
+  split: the split to write.
+  image_size: the square size images are resized and centre-cropped to (None: kept).
+  workers: processes converting input units at once.
+  image_key, text_key: the columns or features holding image and text (Parquet, TFDS).
+  """
   source_dir: str | None = None
-  captions_jsonl: str | None = None
+  annotations: str | None = None
   split: str = "train"
   image_size: int | None = None
+  workers: int = 1
+  image_key: str | None = None
+  text_key: str | None = None
 
 
-def _image_folder(out_dir, options):
-  if not (options.source_dir and options.captions_jsonl):
-    raise ValueError("the image_folder source needs source_dir (the images) and "
-                     "captions_jsonl (one {\"file\", \"caption\"} per line)")
-  return {options.split: image_folder.write_image_folder(
-      options.source_dir, options.captions_jsonl, out_dir, options.split)}
+def require_options(options, source, *names):
+  """The named option values; a ValueError naming the source and the missing flags."""
+  missing = [n for n in names if not getattr(options, n)]
+  if missing:
+    raise ValueError(f"the {source} source needs " + ", ".join(f"--{n}" for n in missing))
+  return [getattr(options, n) for n in names]
 
 
-def _webdataset(out_dir, options):
-  if not options.source_dir:
-    raise ValueError("the webdataset source needs source_dir (a folder of .tar shards)")
-  return {options.split: webdataset.write_webdataset(options.source_dir, out_dir, options.split,
-                                                     options.image_size)}
+# name -> "module:function(out_dir, options) -> {split: WriteSummary}", imported when used.
+BUILT_IN = {
+    "image_folder": "data_pipelines.image_folder:source",
+    "webdataset": "data_pipelines.webdataset:source",
+    "parquet": "data_pipelines.parquet:source",
+    "llava": "data_pipelines.llava:source",
+    "editing": "data_pipelines.editing:source",
+    "interleaved": "data_pipelines.interleaved:source",
+    "tfds": "data_pipelines.tfds_source:source",
+}
 
 
-BUILT_IN = {"image_folder": _image_folder, "webdataset": _webdataset}
+def _load(target):
+  module, _, function = target.partition(":")
+  return getattr(importlib.import_module(module), function)
 
 
 def available():
   """{name: loader} of every source: the built-in ones and the registered entry points."""
   found = {ep.name: ep.load for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-  found.update({name: (lambda fn=fn: fn) for name, fn in BUILT_IN.items()})
+  found.update({name: (lambda target=target: _load(target)) for name, target in BUILT_IN.items()})
   return found
 
 

@@ -6,26 +6,22 @@ of its file name — so `000017.jpg` and `000017.txt` are one sample. A sample n
 `text`) field of the `json` member. Tars are read as streams (memory flat in the shard's
 size), in sorted file order.
 
-Images are converted to RGB (greyscale stays L) and, with `image_size` S, resized so the
-shorter side is S (bicubic, antialiased) and centre-cropped to S × S; the original size is
-kept in the record's meta (`width`, `height`), with the shard and key. Bad input — an
+Images are decoded as `image_decode.decode_image` says (RGB or L; with `image_size` S, the
+shorter side resized to S and the centre S × S kept); the original size is kept in the
+record's meta (`width`, `height`), with the shard and key. Bad input — an
 unreadable or truncated image, a missing caption, malformed JSON, a sample without an image,
 an unreadable or empty shard — is logged with its shard and key, counted and skipped; it
-never aborts the conversion.
-
-Not yet: parallel conversion over shards and resuming a killed conversion (issue 11).
+never aborts the conversion. Each tar becomes one records shard (`conversion.py`: tars are
+converted in parallel, and a killed conversion resumes where it stopped).
 """
 
-import io
 import json
 import os
 import tarfile
 
-import numpy as np
-from PIL import Image
-
+from data_pipelines import conversion
+from data_pipelines import image_decode
 from data_pipelines import records
-from data_pipelines import writers
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -72,67 +68,57 @@ def _caption(sample):
   return caption
 
 
-def resize_and_crop(image, size):
-  """Shorter side to `size` (bicubic, antialiased), then the centre `size` × `size`."""
-  scale = size / min(image.width, image.height)
-  width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-  image = image.resize((width, height), Image.Resampling.BICUBIC)
-  left, top = (width - size) // 2, (height - size) // 2
-  return image.crop((left, top, left + size, top + size))
-
-
 def _image(sample, image_size):
   extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
   if extension is None:
     raise _SkipSample(f"no image member (one of {', '.join(IMAGE_EXTENSIONS)})")
   try:
-    with Image.open(io.BytesIO(sample[extension])) as image:
-      image.load()
-      image = image.convert("L" if image.mode == "L" else "RGB")
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise _SkipSample(f"unreadable {extension} ({type(e).__name__}: {e})") from e
-  original = (image.width, image.height)
-  if image_size is not None:
-    image = resize_and_crop(image, image_size)
-  return np.asarray(image), original
+    return image_decode.decode_image(sample[extension], image_size)
+  except image_decode.UnreadableImage as e:
+    raise _SkipSample(f"unreadable {extension} ({e})") from e
 
 
-def _records(tar_paths, image_size, summary):
-  for tar_path in tar_paths:
-    shard, found = os.path.basename(tar_path), 0
-    try:
-      for key, sample in _samples(tar_path):
-        found += 1
-        try:
-          caption = _caption(sample)
-          pixels, (width, height) = _image(sample, image_size)
-        except _SkipSample as e:
-          summary.skip(f"{tar_path} sample {key!r}: {e}")
-          continue
-        summary.written += 1
-        yield records.InterleavedRecord(
-            (records.TextSegment(caption), records.ImageSegment.from_array(pixels)),
-            {"shard": shard, "key": key, "width": width, "height": height,
-             "prompt_segments": 1})
-    except (tarfile.TarError, OSError, EOFError) as e:
-      summary.skip(f"{tar_path}: unreadable tar after {found} samples ({e})")
-      continue
-    if not found:
-      summary.skip(f"{tar_path}: empty shard (no samples)")
+def read_shard(source):
+  """One tar shard's records (and Skips), in member order; `source` = (path, image_size)."""
+  tar_path, image_size = source
+  shard, found = os.path.basename(tar_path), 0
+  try:
+    for key, sample in _samples(tar_path):
+      found += 1
+      try:
+        caption = _caption(sample)
+        pixels, (width, height) = _image(sample, image_size)
+      except _SkipSample as e:
+        yield conversion.Skip(f"{tar_path} sample {key!r}: {e}")
+        continue
+      yield records.InterleavedRecord(
+          (records.TextSegment(caption), records.ImageSegment.from_array(pixels)),
+          {"shard": shard, "key": key, "width": width, "height": height,
+           "prompt_segments": 1})
+  except (tarfile.TarError, OSError, EOFError) as e:
+    yield conversion.Skip(f"{tar_path}: unreadable tar after {found} samples ({e})")
+    return
+  if not found:
+    yield conversion.Skip(f"{tar_path}: empty shard (no samples)")
 
 
-def write_webdataset(source_dir, out_dir, split, image_size=None, num_shards=1):
-  """Writes the samples of every `*.tar` in `source_dir` as split `split` of `out_dir`;
-  returns the WriteSummary (also saved as JSON next to the shards)."""
+def write_webdataset(source_dir, out_dir, split, image_size=None, workers=1):
+  """Writes the samples of every `*.tar` in `source_dir` as split `split` of `out_dir`, one
+  records shard per tar (see `conversion.convert`: parallel, resumable); returns the
+  WriteSummary (also saved as JSON next to the shards)."""
   if not os.path.isdir(source_dir or ""):
     raise FileNotFoundError(f"WebDataset directory {source_dir!r} does not exist")
-  tar_paths = sorted(os.path.join(source_dir, f) for f in os.listdir(source_dir)
-                     if f.endswith(".tar"))
-  if not tar_paths:
+  tar_names = sorted(f for f in os.listdir(source_dir) if f.endswith(".tar"))
+  if not tar_names:
     raise FileNotFoundError(f"no .tar shards in {source_dir!r}")
-  summary = writers.WriteSummary()
-  paths = writers.write_records(_records(tar_paths, image_size, summary), out_dir, split,
-                                num_shards)
-  summary.files = [os.path.basename(p) for p in paths]
-  writers.save_summary(summary, out_dir, split)
-  return summary
+  units = [conversion.Unit(name, (os.path.join(source_dir, name), image_size))
+           for name in tar_names]
+  return conversion.convert(units, read_shard, out_dir, split, workers, what="tar shards")
+
+
+def source(out_dir, options):
+  """`prepare-data --source webdataset`: --source_dir (the tars), --split, --image_size."""
+  from data_pipelines import sources   # the registry imports this module lazily
+  (source_dir,) = sources.require_options(options, "webdataset", "source_dir")
+  return {options.split: write_webdataset(source_dir, out_dir, options.split,
+                                          options.image_size, options.workers)}

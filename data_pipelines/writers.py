@@ -6,6 +6,7 @@ shuffling). Each shard is written under a temporary name and renamed only after 
 shard closed cleanly: a crash never leaves a file that looks complete.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -83,28 +84,65 @@ def write_records(records, out_dir, split, num_shards=1):
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  if not split or os.sep in split:
-    raise ValueError(f"split must be a non-empty name without {os.sep!r}, got {split!r}")
+  check_split_name(split)
   os.makedirs(out_dir, exist_ok=True)
   final = [os.path.join(out_dir, shard_name(split, i, num_shards)) for i in range(num_shards)]
-  partial = [path + _PARTIAL_SUFFIX for path in final]
-  writers = []
-  try:
-    writers = [array_record_module.ArrayRecordWriter(p, _WRITER_OPTIONS) for p in partial]
+  with _partial_writers(final) as shard_writers:
     for i, record in enumerate(records):
-      writers[i % num_shards].write(records_lib.encode_record(record))
-    for writer in writers:
+      shard_writers[i % num_shards].write(records_lib.encode_record(record))
+  remove_other_shards(out_dir, split, final)
+  return final
+
+
+def write_shard(records, path, before_rename=None):
+  """Writes `records` as the one ArrayRecord file `path`, atomically; returns the count.
+
+  `before_rename` runs after every record is written and closed but before the file takes
+  its final name (a converter saves its progress there, so a finished name means finished
+  progress)."""
+  count = 0
+  with _partial_writers([path], before_rename) as (writer,):
+    for record in records:
+      writer.write(records_lib.encode_record(record))
+      count += 1
+  return count
+
+
+@contextlib.contextmanager
+def _partial_writers(final_paths, before_rename=None):
+  """ArrayRecord writers on temporary names. On a clean exit they are closed,
+  `before_rename` runs and each file takes its final name; on an error every temporary file
+  is removed, so a crash never leaves a file that looks complete."""
+  partial = [path + _PARTIAL_SUFFIX for path in final_paths]
+  opened = []
+  try:
+    for path in partial:
+      opened.append(array_record_module.ArrayRecordWriter(path, _WRITER_OPTIONS))
+    yield opened
+    for writer in opened:
       writer.close()
+    if before_rename is not None:
+      before_rename()
   except BaseException:
-    for writer in writers:
+    for writer in opened:
       if writer.is_open():
         writer.close()
     _remove_quietly(partial)
     raise
-  _remove_quietly(set(_existing_shards(out_dir, split)) - set(final))
-  for src, dst in zip(partial, final):
+  for src, dst in zip(partial, final_paths):
     os.replace(src, dst)
-  return final
+
+
+def check_split_name(split):
+  if not split or os.sep in split:
+    raise ValueError(f"split must be a non-empty name without {os.sep!r}, got {split!r}")
+
+
+def remove_other_shards(out_dir, split, keep):
+  """Deletes the shards of `split` in `out_dir` other than `keep` (names or paths): an
+  earlier version of the split with another shard count."""
+  keep = {os.path.basename(p) for p in keep}
+  _remove_quietly(p for p in _existing_shards(out_dir, split) if os.path.basename(p) not in keep)
 
 
 def find_split_files(data_dir, split):

@@ -139,20 +139,28 @@ def _define_prepare_data(fv, argv):
   flags.DEFINE_enum("source", None, sorted(sources.available()), "What to convert.",
                     flag_values=fv)
   flags.DEFINE_string("out", None, "The records directory to write.", flag_values=fv)
-  flags.DEFINE_string("source_dir", None, "The source's input directory (the Fashion-MNIST "
-                      "idx files, the image folder).", flag_values=fv)
-  flags.DEFINE_string("captions_jsonl", None, "image_folder: a JSONL of {file, caption}.",
+  flags.DEFINE_string("source_dir", None, "The source's input directory (idx files, images, "
+                      "tar shards, Parquet files, a prepared TFDS dataset).", flag_values=fv)
+  flags.DEFINE_string("annotations", None, "The file describing the input: image_folder's "
+                      "caption JSONL, llava's conversation JSON, editing's or interleaved's "
+                      "JSONL.", flag_values=fv)
+  flags.DEFINE_string("split", "train", "The split to write (for tfds: also the split read).",
                       flag_values=fv)
-  flags.DEFINE_string("split", "train", "image_folder, webdataset: the split to write.",
+  flags.DEFINE_integer("image_size", None, "Resize the shorter side to this and centre-crop "
+                       "a square (default: keep the images' size).", flag_values=fv)
+  flags.DEFINE_integer("workers", 1, "Processes converting input shards at once.",
+                       flag_values=fv)
+  flags.DEFINE_string("image_key", None, "parquet, tfds: the column/feature holding images.",
                       flag_values=fv)
-  flags.DEFINE_integer("image_size", None, "webdataset: resize the shorter side to this and "
-                       "centre-crop a square (default: keep the images' size).", flag_values=fv)
+  flags.DEFINE_string("text_key", None, "parquet, tfds: the column/feature holding captions.",
+                      flag_values=fv)
 
 
 def _prepare_data(fv):
   from data_pipelines import sources
   source, out = require(fv, "source", "out")
-  options = sources.SourceOptions(fv.source_dir, fv.captions_jsonl, fv.split, fv.image_size)
+  options = sources.SourceOptions(fv.source_dir, fv.annotations, fv.split, fv.image_size,
+                                  fv.workers, fv.image_key, fv.text_key)
   for split, summary in sources.prepare(source, out, options).items():
     print(f"{split}: {summary.written} written, {summary.skipped} skipped -> {out}")
 
@@ -289,7 +297,7 @@ LIBRARY_COMMANDS = {
         "write ArrayRecord records from a source (the only writer of records)",
         "starflow2 prepare-data --source fashion_mnist --out data/fm\n"
         "starflow2 prepare-data --source image_folder --source_dir images/ "
-        "--captions_jsonl captions.jsonl --split train --out data/mine\n"
+        "--annotations captions.jsonl --split train --out data/mine\n"
         "starflow2 prepare-data --source webdataset --source_dir shards/ --image_size 256 "
         "--split train --out data/cc",
         _define_prepare_data, _prepare_data),

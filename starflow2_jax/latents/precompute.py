@@ -2,13 +2,14 @@
 computed once and stored in the records, so that training does not run DINOv2 and the FAE
 encoder at every step.
 
-The output split has the input's records in the same order and the same shard count (each
+The output split has the input's records in the same shards in the same order (each
 image segment gains `arrays["latent"]` [N, D], and `arrays["features"]` [N, F] with
 `features=True`); a stage reads it with `data.precomputed_latents=True`. Records stream
 through in batches, so memory stays flat in the dataset's size.
 """
 
 import logging
+import os
 
 import jax
 import numpy as np
@@ -22,26 +23,36 @@ _READ_CHUNK = 256
 
 
 def read_split(data_dir, split):
-  """(number of shards, the split's records in the order `writers.write_records` wrote
-  them: round-robin over the shards), decoded lazily."""
+  """(number of shards, number of records, the split's records shard by shard, each shard
+  in its stored order), decoded lazily."""
   paths = writers.find_split_files(data_dir, split)
-  readers = [array_record_module.ArrayRecordReader(p) for p in paths]
-  counts = [r.num_records() for r in readers]
+  counts = [_count(p) for p in paths]
 
   def generate():
-    try:
-      for start in range(0, max(counts, default=0), _READ_CHUNK):
-        chunks = [r.read(start, min(start + _READ_CHUNK, n)) if start < n else []
-                  for r, n in zip(readers, counts)]
-        for k in range(max(len(c) for c in chunks)):
-          for chunk in chunks:
-            if k < len(chunk):
-              yield records_lib.decode_record(chunk[k])
-    finally:
-      for r in readers:
-        r.close()
+    for path in paths:
+      yield from read_shard(path)
 
   return len(paths), sum(counts), generate()
+
+
+def _count(path):
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
+def read_shard(path):
+  """The records of one ArrayRecord shard in stored order, decoded lazily."""
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    count = reader.num_records()
+    for start in range(0, count, _READ_CHUNK):
+      for data in reader.read(start, min(start + _READ_CHUNK, count)):
+        yield records_lib.decode_record(data)
+  finally:
+    reader.close()
 
 
 def _image_arrays(latent, features):
@@ -54,9 +65,10 @@ def _image_arrays(latent, features):
   return jax.jit(compute)
 
 
-def with_latents(records, latent, batch_size=64, features=False):
-  """Streams `records`, each image segment with its latent (and features) attached."""
-  compute = _image_arrays(latent, features)
+def with_latents(records, latent, batch_size=64, features=False, compute=None):
+  """Streams `records`, each image segment with its latent (and features) attached.
+  `compute`: an `_image_arrays` function to reuse (one compilation for many calls)."""
+  compute = compute or _image_arrays(latent, features)
   pending, images = [], []
 
   def flush():
@@ -92,18 +104,21 @@ def with_latents(records, latent, batch_size=64, features=False):
 
 
 def precompute_split(latent, in_dir, out_dir, split, batch_size=64, features=False):
-  """Writes `split` of `in_dir` to `out_dir` with latents attached; returns the summary."""
-  num_shards, total, records = read_split(in_dir, split)
-  summary = writers.WriteSummary()
-  progress = tqdm.tqdm(with_latents(records, latent, batch_size, features), total=total,
-                       desc=f"latents of {split}", unit="record", mininterval=5.0)
-
-  def counted():
-    for record in progress:
-      summary.written += 1
-      yield record
-
-  summary.files = writers.write_records(counted(), out_dir, split, num_shards)
+  """Writes `split` of `in_dir` to `out_dir` with latents attached, shard i from shard i;
+  returns the summary."""
+  paths = writers.find_split_files(in_dir, split)
+  compute = _image_arrays(latent, features)
+  summary = writers.WriteSummary(files=[os.path.basename(p) for p in paths])
+  progress = tqdm.tqdm(total=sum(_count(p) for p in paths), desc=f"latents of {split}",
+                       unit="record", mininterval=5.0)
+  os.makedirs(out_dir, exist_ok=True)
+  for path in paths:
+    stream = with_latents(read_shard(path), latent, batch_size, features, compute)
+    summary.written += writers.write_shard(
+        (progress.update(1) or record for record in stream),
+        os.path.join(out_dir, os.path.basename(path)))
+  progress.close()
+  writers.remove_other_shards(out_dir, split, paths)
   writers.save_summary(summary, out_dir, split)
   logging.info("%s: %d records with latents in %s", split, summary.written, out_dir)
   return summary
