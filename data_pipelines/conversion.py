@@ -9,7 +9,9 @@ records. This module does the rest, the same for all of them:
 - units are converted in `workers` processes (spawned: the parent may hold JAX threads);
 - each shard is written under a temporary name and renamed only when complete, after its
   summary (written, skipped, problems) is saved beside it in `.progress/`; a killed
-  conversion rerun with the same input keeps the shards already done and converts the rest,
+  conversion rerun with the same input and settings keeps the shards already done and
+  converts the rest (a unit whose name or source — paths, image size, keys — changed is
+  converted again),
   so the result is the same as an uninterrupted run's;
 - the split's summary (`{split}_summary.json`) is the sum of the units' summaries.
 
@@ -52,13 +54,14 @@ def _progress_path(out_dir, shard):
 
 
 def _done(out_dir, shard, unit):
-  """The unit's saved summary if its shard was completed from this same unit, else None."""
+  """The unit's saved summary if its shard was completed from this same unit — same name,
+  same source (paths, image size, keys) — else None."""
   path = _progress_path(out_dir, shard)
   if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, shard))):
     return None
   with open(path) as f:
     saved = json.load(f)
-  if saved.get("unit") != unit.name:
+  if saved.get("unit") != unit.name or saved.get("source") != repr(unit.source):
     return None
   return writers.WriteSummary(saved["written"], saved["skipped"], saved["problems"], [shard])
 
@@ -83,7 +86,7 @@ def _convert_unit(read, unit, out_dir, shard):
 def _save(out_dir, shard, unit, summary):
   path = _progress_path(out_dir, shard)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  payload = dict(unit=unit.name, written=summary.written, skipped=summary.skipped,
+  payload = dict(unit=unit.name, source=repr(unit.source), written=summary.written, skipped=summary.skipped,
                  problems=summary.problems)
   with open(path + ".partial", "w") as f:
     json.dump(payload, f)

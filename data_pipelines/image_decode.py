@@ -6,6 +6,7 @@ centre S × S; the original size is returned for the record's meta.
 """
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,9 @@ def decode_image(data, image_size=None):
       image.load()
       image = image.convert("L" if image.mode == "L" else "RGB")
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise UnreadableImage(f"{type(e).__name__}: {e}") from e
+    # PIL names the in-memory file by its address: dropped, so messages repeat across runs.
+    message = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+    raise UnreadableImage(f"{type(e).__name__}: {message}") from e
   original = (image.width, image.height)
   if image_size is not None:
     image = resize_and_crop(image, image_size)

@@ -72,6 +72,8 @@ def test_a_rerun_keeps_finished_units_and_redoes_changed_ones(tmp_path):
   assert after[0] == before[0] and after[2] == before[2]        # kept
   assert after[1] != before[1]                                  # converted again
   assert summary.written == 2 + 3 + 2
+  units[2] = conversion.Unit("unit-2", (2, 1))                  # same name, another source
+  assert conversion.convert(units, read_numbers, str(tmp_path), "train").written == 2 + 3 + 1
   # A different number of units replaces the split: no shard of the old count remains.
   conversion.convert(_units([1, 1]), read_numbers, str(tmp_path), "train")
   assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".array_record")) == [
