@@ -14,9 +14,12 @@ Qwen places its own image tokens (`positions.span_positions`). Text is tokenised
 
 Which parts are trained: the first `prompt_segments` segments of a record are its prompt
 (meta "prompt_segments" overrides the layout's default), the rest are targets — target text
-for the next-token loss, target images for the flow loss. A target image's
-`<|vision_start|>` and `<|vision_end|>` are text targets too (the model learns when to
-draw). Prompt text is what classifier-free guidance drops.
+for the next-token loss, target images for the flow loss. A record whose prompt does not
+come first (a multi-turn conversation: a question after an answer) says so per segment with
+meta "target_segments", a string of one '1' (target) or '0' (prompt) per segment, which
+then takes precedence over "prompt_segments". A target image's `<|vision_start|>` and
+`<|vision_end|>` are text targets too (the model learns when to draw). Prompt text — every
+non-target text segment, wherever it stands — is what classifier-free guidance drops.
 
 One example (numpy), as the Grain pipeline batches it:
   ids [T] int32           token ids; visual positions hold `image_pad_id`
@@ -144,12 +147,8 @@ class InterleavedExample:
 
   def __call__(self, record):
     lay = self.layout
-    prompt = record.meta.get("prompt_segments", self.prompt_segments)
-    if not isinstance(prompt, int) or prompt < 0:
-      raise pipeline.RecordMismatchError(f"meta 'prompt_segments' is {prompt!r}, not an int >= 0")
     builder = SequenceBuilder(lay)
-    for i, segment in enumerate(record.segments):
-      target = i >= prompt
+    for segment, target in zip(record.segments, self._targets(record)):
       if isinstance(segment, records.TextSegment):
         builder.add_text(self.encode_text(segment.text), target)
         continue
@@ -161,6 +160,22 @@ class InterleavedExample:
       raise pipeline.RecordMismatchError(
           f"{len(builder.ids)} positions, more than max_length={lay.max_length}")
     return builder.arrays()
+
+  def _targets(self, record):
+    """Per segment, whether it is a target: meta "target_segments" when present, else every
+    segment after the first "prompt_segments" (meta, or this transform's default)."""
+    flags = record.meta.get("target_segments")
+    if flags is not None:
+      if (not isinstance(flags, str) or len(flags) != len(record.segments)
+          or not set(flags) <= {"0", "1"}):
+        raise pipeline.RecordMismatchError(
+            f"meta 'target_segments' is {flags!r}, not one '0' or '1' per segment "
+            f"({len(record.segments)})")
+      return [flag == "1" for flag in flags]
+    prompt = record.meta.get("prompt_segments", self.prompt_segments)
+    if not isinstance(prompt, int) or prompt < 0:
+      raise pipeline.RecordMismatchError(f"meta 'prompt_segments' is {prompt!r}, not an int >= 0")
+    return [i >= prompt for i in range(len(record.segments))]
 
   def _latent(self, segment):
     """The image's precomputed latent when the layout reads them (else None)."""
