@@ -32,5 +32,8 @@ setuptools.setup(
         "starflow2.record_sources": [
             "fashion_mnist=demos.fashion_mnist:record_source",
             "fashion_mnist_stages=demos.fashion_mnist_stages:record_source"],
+        "starflow2.evaluators": [
+            "fashion_mnist_generation=demos.fashion_mnist_judges:generation",
+            "fashion_mnist_understanding=demos.fashion_mnist_judges:understanding"],
     },
 )

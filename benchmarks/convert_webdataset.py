@@ -1,11 +1,12 @@
 """Conversion throughput of `prepare-data --source webdataset`: 256-px JPEG samples -> records.
 
-    .venv/bin/python -m benchmarks.convert_webdataset [--images 2000] [--source_size 320]
+    .venv/bin/python -m benchmarks.convert_webdataset [--images 2000] [--shards 4]
+        [--workers 1] [--source_size 320]
 
-Writes one tar of synthetic photos (smooth gradients plus noise, JPEG quality 90, at
+Writes `shards` tars of synthetic photos (smooth gradients plus noise, JPEG quality 90, at
 `source_size` × 256 so that every sample is resized and centre-cropped to 256) into a
-temporary directory, converts it once, and prints images per second (one process: the
-converter does not yet run in parallel over shards) and the peak resident memory.
+temporary directory, converts them once with `workers` processes, and prints images per
+second, per worker, and the peak resident memory of this process and of a worker.
 """
 
 import argparse
@@ -45,17 +46,24 @@ def write_tar(path, num_images, width, height):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--images", type=int, default=2000)
+  parser.add_argument("--shards", type=int, default=4, help="tars the images are split into")
+  parser.add_argument("--workers", type=int, default=1)
   parser.add_argument("--source_size", type=int, default=320, help="source width (height 256)")
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    write_tar(f"{tmp}/000000.tar", args.images, args.source_size, 256)
+    for k in range(args.shards):
+      count = args.images // args.shards + (k < args.images % args.shards)
+      write_tar(f"{tmp}/{k:06d}.tar", count, args.source_size, 256)
     start = time.perf_counter()
-    summary = webdataset.write_webdataset(tmp, f"{tmp}/out", "train", image_size=256)
+    summary = webdataset.write_webdataset(tmp, f"{tmp}/out", "train", image_size=256,
+                                          workers=args.workers)
     seconds = time.perf_counter() - start
-  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  peak = lambda who: resource.getrusage(who).ru_maxrss / 1024
+  rate = summary.written / seconds
   print(f"{summary.written} images ({args.source_size}x256 JPEG -> 256x256 records) in "
-        f"{seconds:.1f} s: {summary.written / seconds:.0f} images/s on one process; "
-        f"peak RSS {peak_mib:.0f} MiB")
+        f"{seconds:.1f} s: {rate:.0f} images/s with {args.workers} worker(s), "
+        f"{rate / args.workers:.0f} per worker; peak RSS {peak(resource.RUSAGE_SELF):.0f} MiB "
+        f"(this process), {peak(resource.RUSAGE_CHILDREN):.0f} MiB (largest worker)")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,22 @@ def make_dataset(paths, transform, *, batch_size, seed, shuffle=True, num_epochs
   Returns:
     A grain.IterDataset; `iter(ds)` gives an iterator with `get_state`/`set_state`.
   """
+  ds = example_dataset(paths, transform, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                       process_index=process_index, process_count=process_count,
+                       skip_counter=skip_counter)
+  return batched(ds, batch_size=batch_size, drop_remainder=drop_remainder,
+                 read_threads=read_threads)
+
+
+def example_dataset(paths, transform, *, seed, shuffle=True, num_epochs=None, process_index=0,
+                    process_count=1, skip_counter=None):
+  """The front half of `make_dataset`: a grain.MapDataset of `transform(record)` examples.
+
+  Source -> this process's records -> seeded shuffle -> repeat -> decode + transform, all
+  index transformations, so element k is a pure function of (seed, k); a skipped record is
+  None (`batched` drops it). Shared with `mixture.make_mixture_dataset`, which mixes several
+  of these before batching. Arguments as in `make_dataset`.
+  """
   paths = [str(p) for p in paths]
   if not paths:
     raise ValueError("make_dataset needs at least one ArrayRecord path")
@@ -157,7 +173,12 @@ def make_dataset(paths, transform, *, batch_size, seed, shuffle=True, num_epochs
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  ds = ds.map(decode)
+  return ds.map(decode)
+
+
+def batched(ds, *, batch_size, drop_remainder=True, read_threads=2):
+  """The back half of `make_dataset`: a MapDataset of examples (None = skipped) -> a
+  batched, checkpointable grain.IterDataset whose state is a position in `ds`."""
   ds = ds.filter(_is_example)
   read_options = grain.ReadOptions(num_threads=read_threads,
                                    prefetch_buffer_size=max(2 * batch_size, 16))

@@ -22,13 +22,13 @@ Everything lands in `<workdir>/summary.json`, with pictures beside it.
 import json
 import logging
 import os
+import shutil
 import time
 
 import jax
 import numpy as np
 from absl import flags
 
-from demos import classifier
 from demos import fashion_mnist
 from demos import staged_demo
 from experiments import fashion_mnist_fae as experiment
@@ -54,10 +54,7 @@ FLOORS = (
 def _config(preset, data_dir, **fields):
   config = experiment.get_config(preset)
   config.data.dir = data_dir
-  for key, value in fields.items():
-    section, field = key.split(".", 1)
-    config[section][field] = value
-  return config
+  return staged_demo.override(config, fields)
 
 
 def latent_statistics(latent, images, batch=250):
@@ -77,7 +74,7 @@ def _train(config, workdir, seconds, name):
 
 
 def run(workdir, source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, size="", judge_per_class=30,
-        understanding_examples=500, test_examples=1000, judge_examples=20000):
+        understanding_examples=500, test_examples=1000):
   """Runs every step (resuming finished runs from their checkpoints); returns the summary."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -122,17 +119,15 @@ def run(workdir, source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, size="", judge_per
     precompute.precompute_split(latent, data_dir, latents_dir, split)
   seconds["precompute_latents"] = time.time() - start_latents
 
-  # ---- STARFlow2 on each latent space ----------------------------------------------------
-  logging.info("fitting the independent classifier on the real training split")
-  train_images, train_labels = fashion_mnist.load_idx_split(source_dir, "train")
-  judge = classifier.fit_logistic_regression(train_images[:judge_examples],
-                                             train_labels[:judge_examples], 10)
-  summary["classifier_test_accuracy"] = judge.accuracy(test_images[..., 0],
-                                                       test_labels[:test_examples])
+  # ---- STARFlow2 on each latent space (judged by the stages' evaluators) -----------------
   for name in LATENTS:
     previous = path("stage0")
     for stage in (1, 2):
       config = _config(f"stage{stage}{suffix}", data_dir, **{"init.from_workdir": previous})
+      staged_demo.judge_sizes(config, judge_per_class, understanding_examples,
+                              config.eval.num_examples)
+      if stage == 1:
+        config.evals.generation.grid_columns = 12
       if name == "patch":      # the staged demo's own latent (experiments/fashion_mnist_stages)
         config.latent = dict(name="patch", patch_size=4)
       else:                    # the FAE, read from the precomputed records
@@ -141,20 +136,15 @@ def run(workdir, source_dir=fashion_mnist.DEFAULT_SOURCE_DIR, size="", judge_per
       stage_dir = path(f"{name}_stage{stage}")
       result = _train(config, stage_dir, seconds, f"{name}_stage{stage}")
       previous = stage_dir
-      task, params = result.task, result.state.params
+      evals = result.summary["evals"]
       if stage == 1:
         bpd_key = "pixel_bpd" if name == "patch" else "latent_bpd"
-        summary[f"{name}_test_{bpd_key}"] = result.summary["eval"].get(bpd_key)
-        accuracy, images = staged_demo.generation_accuracy(
-            task, params, judge, judge_per_class, jax.random.key(staged_demo.GENERATION_SEED))
-        summary[f"{name}_generation_accuracy"] = accuracy
-        grid = images.reshape((10, judge_per_class) + images.shape[1:])[:, :12]
-        image_io.save_png(image_io.image_grid(grid), path(f"{name}_generated.png"))
+        summary[f"{name}_test_{bpd_key}"] = evals["bpd"].get(bpd_key)
+        summary[f"{name}_generation_accuracy"] = evals["generation"]["accuracy"]
+        summary["classifier_test_accuracy"] = evals["generation"]["classifier_test_accuracy"]
+        shutil.copy(evals["generation"]["grid"], path(f"{name}_generated.png"))
       else:
-        accuracy, _ = staged_demo.understanding_accuracy(
-            task, params, test_images[:understanding_examples],
-            test_labels[:understanding_examples], jax.random.key(102))
-        summary[f"{name}_understanding_accuracy"] = accuracy
+        summary[f"{name}_understanding_accuracy"] = evals["understanding"]["accuracy"]
 
   summary.update(seconds=seconds, total_seconds=time.time() - start)
   summary["floors"] = staged_demo.check_floors(summary, FLOORS if not size else ())

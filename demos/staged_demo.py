@@ -2,7 +2,9 @@
 
 Stage k trains in `<workdir>/stage{k}` from `experiments/fashion_mnist_stages.py:stage{k}`,
 warm-started from stage k−1; all stages share the records in `<workdir>/data`. After the
-stages that change them, on held-out test images:
+stages that change them, on held-out test images — each figure an evaluator that the
+stage's config names and the trainer runs after its last step (`config.evals`;
+demos/fashion_mnist_judges.py):
 
   bpd            the test images' bits/dim given their captions     (after stages 1 and 3)
   generation     an independent pixel classifier's accuracy on images drawn from each
@@ -19,6 +21,7 @@ whether all were reached; a missed floor is printed and logged as MISSED.
 import json
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -27,19 +30,14 @@ from absl import flags
 from PIL import Image, ImageDraw
 
 from data_pipelines import sources
-from data_pipelines import text as text_lib
-from demos import classifier
 from demos import fashion_mnist
 from demos import fashion_mnist_stages as stage_records
 from experiments import fashion_mnist_stages as experiment
 from starflow2_jax import cli
 from starflow2_jax import image_io
-from starflow2_jax import sharding
 from starflow2_jax.sampling import prompts
-from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import trainer
 
-GENERATION_SEED = 101
 INTERLEAVED_PROMPTS = (["a sneaker:"], ["a bag:"], ["a dress:", prompts.DRAW],
                        ["a photo of a trouser. and a photo of a sandal:"])
 
@@ -48,9 +46,20 @@ def stage_config(stage, size, data_dir, previous_workdir, overrides=None):
   config = experiment.get_config(f"stage{stage}" + (f"-{size}" if size else ""))
   config.data.dir = data_dir
   config.init.from_workdir = previous_workdir or ""
+  return override(config, overrides)
+
+
+def override(config, overrides=None):
+  """`config` with each dotted field of `overrides` set, e.g. {"evals.generation.seed": 7};
+  a field missing from the config is an error naming it."""
   for key, value in (overrides or {}).items():
-    section, field = key.split(".", 1)
-    config[section][field] = value
+    *path, field = key.split(".")
+    node = config
+    for part in path:
+      node = node[part]
+    if field not in node:
+      raise KeyError(f"config has no field {key!r}")
+    node[field] = value
   return config
 
 
@@ -61,43 +70,15 @@ def prepare_records(config):
   sources.prepare_from_config(config.data, skip_if_present=splits)
 
 
-def held_out_bpd(task, params, config, data_dir, num_examples):
-  """Pixel bits/dim of caption-conditioned test images (the generation records' test split)."""
-  config = config.copy_and_resolve_references()
-  config.data.test_split = "generate_test"
-  config.eval.num_examples = num_examples
-  mesh, rules = sharding.mesh_and_rules(config.mesh)
-  with jax.set_mesh(mesh):
-    metrics = trainer.evaluate(jax.jit(task.eval_metrics), params,
-                               data_lib.eval_batches(config, task, data_dir), mesh, rules,
-                               config.seed)
-  return metrics["pixel_bpd"]
-
-
-def generation_accuracy(task, params, judge, per_class, rng):
-  captions = [stage_records.caption(k) for k in range(10) for _ in range(per_class)]
-  labels = np.repeat(np.arange(10), per_class)
-  images = task.sample_captions(params, captions, rng, task.config.sample.guidance_weight)
-  return judge.accuracy(images, labels), images
-
-
-def named_class(answer):
-  """The class whose name the answer's words contain (longest name first), or None."""
-  words = " " + " ".join(text_lib.split_words(answer)) + " "
-  names = sorted(range(10), key=lambda k: -len(fashion_mnist.CLASS_NAMES[k]))
-  for k in names:
-    if f" {' '.join(text_lib.split_words(fashion_mnist.CLASS_NAMES[k]))} " in words:
-      return k
-  return None
-
-
-def understanding_accuracy(task, params, images, labels, rng, batch=100):
-  answers = []
-  for i in range(0, len(images), batch):
-    answers += prompts.answer(task, params, images[i:i + batch], stage_records.QUESTION,
-                              jax.random.fold_in(rng, i))
-  correct = [named_class(a) == int(label) for a, label in zip(answers, labels)]
-  return float(np.mean(correct)), answers
+def judge_sizes(config, judge_per_class, understanding_examples, bpd_examples):
+  """The demo's sample sizes written into a stage config's evaluators (those it has)."""
+  evals = config.evals
+  if "generation" in evals:
+    evals.generation.per_class = judge_per_class
+  if "understanding" in evals:
+    evals.understanding.num_examples = understanding_examples
+  config.eval.num_examples = bpd_examples
+  return config
 
 
 def render_png(results, path, scale=3):
@@ -128,8 +109,24 @@ def render_png(results, path, scale=3):
   return image_io.save_png(stacked, path)
 
 
+def stage_figures(stage, evals, workdir):
+  """The demo's figures from a stage's evaluator results (config.evals of
+  experiments/fashion_mnist_stages.py); the generated grid copied to the workdir."""
+  figures = {}
+  bpd = evals.get("bpd_generate", evals["bpd"])        # the caption-conditioned test images
+  if "generation" in evals:
+    figures[f"test_bpd_stage{stage}"] = bpd["pixel_bpd"]
+    figures[f"generation_accuracy_stage{stage}"] = evals["generation"]["accuracy"]
+    figures["classifier_test_accuracy"] = evals["generation"]["classifier_test_accuracy"]
+    shutil.copy(evals["generation"]["grid"], os.path.join(workdir, f"generated_stage{stage}.png"))
+  if "understanding" in evals:
+    figures[f"understanding_accuracy_stage{stage}"] = evals["understanding"]["accuracy"]
+    figures[f"example_answers_stage{stage}"] = evals["understanding"]["example_answers"]
+  return figures
+
+
 def run(workdir, size="", overrides=None, judge_per_class=30, understanding_examples=500,
-        bpd_examples=1000, judge_examples=20000):
+        bpd_examples=1000):
   """Runs stages 0-3 (resuming finished ones from their checkpoints); returns the summary."""
   start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -138,41 +135,14 @@ def run(workdir, size="", overrides=None, judge_per_class=30, understanding_exam
   results = {}
   prepare_records(stage_config(0, size, data_dir, None, overrides))
   for stage in range(4):
-    config = stage_config(stage, size, data_dir, previous, overrides)
+    config = judge_sizes(stage_config(stage, size, data_dir, previous, overrides),
+                         judge_per_class, understanding_examples, bpd_examples)
     stage_dir = os.path.join(workdir, f"stage{stage}")
     stage_start = time.time()
-    results[stage] = trainer.train(config, stage_dir)
+    results[stage] = trainer.train(config, stage_dir)   # its evaluators run after training
     seconds[f"stage{stage}"] = time.time() - stage_start
     previous = stage_dir
-
-    params, task = results[stage].state.params, results[stage].task
-    rng = jax.random.key(100 + stage)
-    if stage == 1:
-      logging.info("fitting the independent classifier on the real training split")
-      train_images, train_labels = fashion_mnist.load_idx_split(config.data.source_dir, "train")
-      test_images, test_labels = fashion_mnist.load_idx_split(config.data.source_dir, "test")
-      judge = classifier.fit_logistic_regression(train_images[:judge_examples],
-                                                 train_labels[:judge_examples], 10)
-      summary["classifier_test_accuracy"] = judge.accuracy(test_images, test_labels)
-    if stage in (1, 3):
-      logging.info("stage %d: held-out bpd and generation accuracy", stage)
-      summary[f"test_bpd_stage{stage}"] = held_out_bpd(task, params, config, data_dir,
-                                                       bpd_examples)
-      # The same draws after stages 1 and 3 (paired samples): their difference is the model's.
-      accuracy, images = generation_accuracy(task, params, judge, judge_per_class,
-                                             jax.random.key(GENERATION_SEED))
-      summary[f"generation_accuracy_stage{stage}"] = accuracy
-      grid = images.reshape((10, judge_per_class) + images.shape[1:])
-      image_io.save_png(image_io.image_grid(grid), os.path.join(workdir, f"generated_stage{stage}.png"))
-    if stage in (2, 3):
-      logging.info("stage %d: understanding accuracy", stage)
-      n = understanding_examples
-      accuracy, answers = understanding_accuracy(task, params, test_images[:n, :, :, None],
-                                                 test_labels[:n], rng)
-      summary[f"understanding_accuracy_stage{stage}"] = accuracy
-      summary[f"example_answers_stage{stage}"] = [
-          dict(label=fashion_mnist.CLASS_NAMES[int(label)], answer=a)
-          for label, a in zip(test_labels[:5], answers[:5])]
+    summary.update(stage_figures(stage, results[stage].summary["evals"], workdir))
 
   logging.info("interleaved samples from the stage-3 model")
   task, params = results[3].task, results[3].state.params

@@ -117,6 +117,18 @@ def get_config(preset="stage1"):
                      min_learning_rate=1e-6, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
                      grad_clip_norm=1.0, trainable=list(stages.STAGES[stage].trainable))
   c.eval = dict(batch_size=250, num_examples=1000, noise_level=0.02)
+  # What `starflow2 demo` reports, run by the trainer after the last step (evaluators;
+  # demos/fashion_mnist_judges.py): bits/dim of the stage's test split; generation judged by
+  # an independent classifier after stages 1 and 3, understanding after 2 and 3. Fixed seeds:
+  # the same 300 draws are judged after stages 1 and 3 (paired figures).
+  c.evals = dict(bpd={})
+  if stage in (1, 3):
+    c.evals.generation = dict(type="fashion_mnist_generation", per_class=30, seed=101)
+  if stage == 3:
+    c.evals.bpd_generate = dict(type="bpd", split="generate_test")
+  if stage in (2, 3):
+    c.evals.understanding = dict(type="fashion_mnist_understanding", num_examples=500,
+                                 seed=100 + stage)
   c.sample = dict(
       captions=[records.caption(k) for k in range(10)], per_class=4,
       temperature=0.8, guidance_weight=2.0, denoise_steps=4,

@@ -91,13 +91,19 @@ def _train(fv):
 def _define_eval(fv, argv):
   define_config(fv, argv, None, "The config (default: the one saved in --workdir).")
   define_workdir(fv, help_string="A training workdir.")
+  flags.DEFINE_list("evals", None, "Evaluators to run, by name: entries of config.evals or "
+                    "registered evaluators (bpd, mcq_tsv, geneval_export, dpg_export, "
+                    "skip_analysis, …); default: every entry of config.evals.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).",
+                       flag_values=fv)
 
 
 def _eval(fv):
-  from starflow2_jax.evaluation import workdir as workdir_lib
+  from starflow2_jax.training import workdir as workdir_lib
   (workdir,) = require(fv, "workdir")
-  print(json.dumps(workdir_lib.evaluate_workdir(config_or_saved(fv, workdir), workdir),
-                   indent=2))
+  results = workdir_lib.evaluate_workdir(config_or_saved(fv, workdir), workdir, fv.evals,
+                                         fv.step)
+  print(json.dumps(results, indent=2, default=str))
 
 
 def _define_sample(fv, argv):
@@ -118,7 +124,7 @@ def _define_sample(fv, argv):
 
 
 def _sample(fv):
-  from starflow2_jax.evaluation import workdir as workdir_lib
+  from starflow2_jax.training import workdir as workdir_lib
   (workdir,) = require(fv, "workdir")
   config = config_or_saved(fv, workdir)
   if config.task == "pretzel":
@@ -286,8 +292,9 @@ LIBRARY_COMMANDS = {
         "starflow2 train --config experiments/fashion_mnist.py --workdir runs/fm "
         "[--config.train.steps=N]", _define_train, _train),
     "eval": Command(
-        "held-out metrics (bits/dim) of a trained workdir at its latest checkpoint",
-        "starflow2 eval --workdir runs/fm", _define_eval, _eval),
+        "evaluators named in the config or by --evals (bits/dim, benchmark exports, …) on a "
+        "trained workdir's checkpoint",
+        "starflow2 eval --workdir runs/fm [--evals bpd,skip_analysis]", _define_eval, _eval),
     "sample": Command(
         "images for captions, or continuations of interleaved prompts, from a trained workdir",
         "starflow2 sample --workdir runs/fm --caption 'a photo of a bag'\n"

@@ -7,8 +7,8 @@ or tests/.
     layer 2  starflow2_jax.models
     layer 3  starflow2_jax.{latents, convert}
     layer 4  starflow2_jax.sampling
-    layer 5  starflow2_jax.training
-    layer 6  starflow2_jax.evaluation
+    layer 5  starflow2_jax.evaluation  (evaluators; the trainer runs them, so they sit below)
+    layer 6  starflow2_jax.training
     layer 7  starflow2_jax.cli
 
 A module may import its own package (part) and any lower layer; a part may not import
@@ -30,8 +30,8 @@ LAYERS = (
     ("starflow2_jax.models",),
     ("starflow2_jax.latents", "starflow2_jax.convert"),
     ("starflow2_jax.sampling",),
-    ("starflow2_jax.training",),
     ("starflow2_jax.evaluation",),
+    ("starflow2_jax.training",),
     ("starflow2_jax.cli",),
 )
 

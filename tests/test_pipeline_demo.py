@@ -13,6 +13,7 @@ from array_record.python import array_record_module
 from data_pipelines import records
 from demos import fashion_mnist_stages as stage_records
 import fake_data as testing
+from demos import fashion_mnist_judges as judges
 from demos import staged_demo
 from experiments import fashion_mnist_stages as experiment
 from starflow2_jax import image_io
@@ -38,11 +39,11 @@ def test_stage_records_fit_their_stage_layouts(tmp_path):
 
 
 def test_understanding_answers_name_classes():
-  assert staged_demo.named_class("a ankle boot.") == 9
-  assert staged_demo.named_class("a shirt.") == 6
-  assert staged_demo.named_class("a t-shirt/top.") == 0
-  assert staged_demo.named_class("what is in this picture?") is None
-  assert all(staged_demo.named_class(stage_records.answer(k)) == k for k in range(10))
+  assert judges.named_class("a ankle boot.") == 9
+  assert judges.named_class("a shirt.") == 6
+  assert judges.named_class("a t-shirt/top.") == 0
+  assert judges.named_class("what is in this picture?") is None
+  assert all(judges.named_class(stage_records.answer(k)) == k for k in range(10))
 
 
 def test_floors_judge_each_figure_and_say_which_are_missed():

@@ -225,7 +225,7 @@ def test_run_writes_summary_samples_and_events(uninterrupted):
   events = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert events
   content = b"".join(open(path, "rb").read() for path in events)
-  for tag in (b"train/loss", b"eval/pixel_bpd", b"samples"):
+  for tag in (b"train/loss", b"eval/bpd/pixel_bpd", b"samples"):
     assert tag in content, tag
   assert checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == STEPS
 

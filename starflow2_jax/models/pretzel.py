@@ -19,6 +19,12 @@ sequence. Parameter names, which the stages' trainable patterns select:
                  P_c (context_proj), P_u (input_proj), the noise embedding, the deep
                  Transformer (backbone), Head_F (head)
   w_v, w_t       the zero-initialised vertical skips (present when `config.skips`)
+
+With the skips, each pass sows (`self.sow`) the skip terms and the representations they join
+into the "intermediates" collection, which Flax captures only when asked
+(`apply(…, mutable=["intermediates"])`; `init` leaves it out), for `evaluation.skip_analysis`:
+  visual_skip, visual_fused   W_v h^V and the deep stream's input e^F     [B, T, H_flow]
+  text_skip, text_fused       W_t g and h^V + W_t g (what LMHead reads)   [B, T, H_vlm]
 """
 
 import dataclasses
@@ -119,9 +125,12 @@ def _stop_gradient(variables):
 
 # The VLM with every parameter read through stop_gradient: frozen, while gradients still
 # flow through it to the adapter (stage 2 trains the adapter by the VLM's text loss).
+# `variables=False`: it sees its parameters only (it has nothing else); with `init=True`, a
+# mutable collection reaching it (e.g. "intermediates" captured by `apply`) would otherwise
+# make map_variables re-initialise, and lose, the parameters.
 FrozenTextDecoder = nn.map_variables(
     text_lib.TextDecoder, "params", trans_in_fn=_stop_gradient, init=True,
-    methods=["__call__", "embed", "logits"])
+    variables=False, methods=["__call__", "embed", "logits"])
 
 
 def place_elements(u_bmnd, image_positions_bmn, image_valid_bm, length):
@@ -218,6 +227,8 @@ class Pretzel(nn.Module):
                                            valid_bt, t_b, None if cache is None else cache.vlm)
     skip_btw = self.w_v(h_vlm_btc) if self.config.skips else None
     e_flow_btw = self.flow.embed_sequence(h_vlm_btc, u_btd, is_visual_bt, t_b, skip_btw)
+    if self.config.skips:
+      self._sow_skip("visual", skip_btw, e_flow_btw)
     g_btw, flow_cache = self.flow.transform(e_flow_btw, positions_3bt, valid_bt,
                                             None if cache is None else cache.flow)
     new_cache = None if cache is None else PretzelCache(vlm_cache, flow_cache)
@@ -226,8 +237,16 @@ class Pretzel(nn.Module):
   def text_logits(self, h_vlm_btc, g_btw):
     """LMHead(h^V + W_t g), through the VLM's own head."""
     if self.config.skips:
-      h_vlm_btc = h_vlm_btc + self.w_t(g_btw).astype(h_vlm_btc.dtype)
+      skip_btc = self.w_t(g_btw).astype(h_vlm_btc.dtype)
+      h_vlm_btc = h_vlm_btc + skip_btc
+      self._sow_skip("text", skip_btc, h_vlm_btc)
     return self.vlm.logits(h_vlm_btc)
+
+  def _sow_skip(self, side, skip, fused):
+    """Records a skip term and the sum it enters (a no-op unless "intermediates" is
+    mutable, so training and sampling neither keep nor compute anything more)."""
+    self.sow("intermediates", f"{side}_skip", skip)
+    self.sow("intermediates", f"{side}_fused", fused)
 
   def gaussians(self, g_btw):
     return self.flow.head_gaussians(g_btw)

@@ -10,6 +10,7 @@ import shlex
 
 import jax
 
+from data_pipelines import mixture
 from data_pipelines import pipeline
 from data_pipelines import writers
 
@@ -20,7 +21,8 @@ def records_dir(config, workdir):
   which `starflow2 prepare-data` command creates them."""
   cfg = config.data
   data_dir = cfg.dir or os.path.join(workdir, "data")
-  for split in (cfg.train_split, cfg.test_split):
+  train_splits = () if cfg.get("mixture") else (cfg.train_split,)  # a mixture's: checked apart
+  for split in (*train_splits, cfg.test_split):
     try:
       writers.find_split_files(data_dir, split)
     except FileNotFoundError as e:
@@ -40,25 +42,40 @@ def _per_process_batch(batch_size):
   return batch_size // jax.process_count()
 
 
+def mixture_components(config, data_dir):
+  """The checked components of `config.data.mixture` (docs/data_mixtures.md); [] without one."""
+  return mixture.parse_mixture(config.data.get("mixture") or [], data_dir)
+
+
 def train_dataset(config, task, data_dir, skip_counter=None):
-  """An endless, shuffled, checkpointable dataset of this process's training batches."""
+  """An endless, shuffled, checkpointable dataset of this process's training batches: of
+  `data.train_split`, or of the weighted `data.mixture` when the config has one."""
+  options = dict(batch_size=_per_process_batch(config.train.batch_size), seed=config.seed,
+                 process_index=jax.process_index(), process_count=jax.process_count(),
+                 skip_counter=skip_counter, read_threads=config.data.read_threads)
+  components = mixture_components(config, data_dir)
+  if components:
+    return mixture.make_mixture_dataset(components, task.example_transform(), **options)
   paths = writers.find_split_files(data_dir, config.data.train_split)
-  return pipeline.make_dataset(
-      paths, task.example_transform(), batch_size=_per_process_batch(config.train.batch_size),
-      seed=config.seed, shuffle=True, process_index=jax.process_index(),
-      process_count=jax.process_count(), skip_counter=skip_counter,
-      read_threads=config.data.read_threads)
+  return pipeline.make_dataset(paths, task.example_transform(), shuffle=True, **options)
 
 
-def eval_batches(config, task, data_dir):
-  """The first `eval.num_examples` held-out examples, in order, in full batches."""
+def mixture_counter(config, data_dir):
+  """A MixtureCounter for the training batches: pops `mixture_source` and gives the realised
+  proportions per logging window (a pass-through without a mixture)."""
+  return mixture.MixtureCounter([c.name for c in mixture_components(config, data_dir)])
+
+
+def eval_batches(config, task, data_dir, split=None, num_examples=None):
+  """The first `num_examples` (default `eval.num_examples`) examples of `split` (default
+  `data.test_split`), in order, in full batches."""
   cfg = config.eval
   batch = _per_process_batch(cfg.batch_size)
-  paths = writers.find_split_files(data_dir, config.data.test_split)
+  paths = writers.find_split_files(data_dir, split or config.data.test_split)
   ds = pipeline.make_dataset(
       paths, task.example_transform(), batch_size=batch, seed=config.seed, shuffle=False,
       num_epochs=1, process_index=jax.process_index(), process_count=jax.process_count())
-  num_batches = cfg.num_examples // cfg.batch_size
+  num_batches = (num_examples or cfg.num_examples) // cfg.batch_size
   for i, b in enumerate(ds):
     if i >= num_batches:
       break

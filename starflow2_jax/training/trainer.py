@@ -24,6 +24,7 @@ import optax
 from starflow2_jax import image_io
 from starflow2_jax import sharding
 from starflow2_jax import tree_paths
+from starflow2_jax.evaluation import evaluators
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import metrics as metrics_lib
@@ -177,6 +178,15 @@ def evaluate(eval_step, params, batches, mesh, rules, seed):
   return acc.compute()
 
 
+def held_out_metrics_fn(config, task, eval_step, params, data_dir, mesh, rules):
+  """`held_out_metrics(split=None, num_examples=None)` for evaluators: the task's eval
+  metrics averaged over the first examples of a records split (default: the config's)."""
+  def held_out_metrics(split=None, num_examples=None):
+    batches = data_lib.eval_batches(config, task, data_dir, split, num_examples)
+    return evaluate(eval_step, params, batches, mesh, rules, config.seed)
+  return held_out_metrics
+
+
 def save_samples(task, params, step, workdir, writer, seed):
   """The task's sample grid as PNG and in TensorBoard; None if the task draws no images."""
   grid = task.sample_grid(params, jax.random.fold_in(jax.random.key(seed + 2), step))
@@ -214,6 +224,7 @@ def train(config, workdir):
   mesh, rules = sharding.mesh_and_rules(config.mesh)
   data_dir = data_lib.records_dir(config, workdir)
   train_iter = iter(data_lib.train_dataset(config, task, data_dir))
+  mixture_counter = data_lib.mixture_counter(config, data_dir)     # realised proportions
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     # ---- Optimizer and sharded state (abstract first) --------------------------------
@@ -244,23 +255,30 @@ def train(config, workdir):
     writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
     step = int(state.step)
     train_acc = metrics_lib.MetricAccumulator()
-    last_train, last_eval = {}, {}
+    last_train, last_evals = {}, {}
     bar = metrics_lib.progress_bar(step, cfg_train.steps)
     deadline = (start_time + 60 * cfg_train.time_limit_minutes
                 if cfg_train.time_limit_minutes > 0 else None)
     nonfinite = NonfiniteSteps(cfg_train.get("max_nonfinite_steps", 10))
     reason = None
 
-    def run_eval(step):
-      batches = data_lib.eval_batches(config, task, data_dir)
-      result = evaluate(eval_step, state.params, batches, mesh, rules, config.seed)
-      writer.scalars(step, result, prefix="eval/")
-      logging.info("step %d eval %s", step, result)
-      return result
+    # ---- Evaluators (config.evals; the held-out metrics alone by default) --------------
+    evals = evaluators.select(config)
+
+    def run_evals(step, final=False, names=None):
+      due = evaluators.due(evals, step, final)
+      due = {n: e for n, e in due.items() if names is None or e["type"] in names}
+      if not due:
+        return {}
+      held_out = held_out_metrics_fn(config, task, eval_step, state.params, data_dir, mesh,
+                                     rules)
+      context = evaluators.EvalContext(config, task, state.params, step, workdir, data_dir,
+                                       held_out)
+      return evaluators.run(due, context, writer)
 
     with _StopSignal() as stop:
       while step < cfg_train.steps:
-        batch = sharding.global_batch(next(train_iter), mesh, rules)
+        batch = sharding.global_batch(mixture_counter.pop(next(train_iter)), mesh, rules)
         state, step_metrics = train_step(state, batch)
         step += 1
         if nonfinite.skipped(step, step_metrics.pop("nonfinite"), step_metrics):
@@ -269,13 +287,14 @@ def train(config, workdir):
           train_acc.add(step_metrics)
         bar.update(1)
         if step % cfg_train.log_every == 0 or step == cfg_train.steps:
+          writer.scalars(step, mixture_counter.fractions(), prefix="data/mixture/")
           window = train_acc.compute()       # empty if every step since the last log was skipped
           if window:
             last_train = window
             writer.scalars(step, last_train, prefix="train/")
             bar.set_postfix(loss=f"{last_train['loss']:.4f}")
-        if cfg_train.eval_every and step % cfg_train.eval_every == 0 and step < cfg_train.steps:
-          last_eval = run_eval(step)
+        if step < cfg_train.steps:
+          last_evals = run_evals(step) or last_evals
         if cfg_train.sample_every and step % cfg_train.sample_every == 0:
           save_samples(task, state.params, step, workdir, writer, config.seed)
         reason = stop_reason(stop, deadline, nonfinite)
@@ -294,7 +313,12 @@ def train(config, workdir):
       last_train = train_acc.compute()
 
     # ---- Final evaluation, samples and summary ----------------------------------------
-    last_eval = run_eval(step) if not stopped_early or not last_eval else last_eval
+    # A run stopped early still reports held-out metrics, without slow evaluators.
+    if not stopped_early:
+      last_evals = run_evals(step, final=True)
+    elif not last_evals:
+      last_evals = run_evals(step, final=True, names=("bpd",))
+    last_eval = last_evals.get("bpd", {})
     sample_path = (save_samples(task, state.params, step, workdir, writer, config.seed)
                    if cfg_train.get("final_samples", True) else None)
     writer.flush()
@@ -303,7 +327,7 @@ def train(config, workdir):
   summary = dict(
       step=step, train_loss=last_train.get("loss"), train_nll=last_train.get("nll"),
       test_bpd=last_eval.get("pixel_bpd"), test_nll=last_eval.get("nll"),
-      eval=last_eval, stopped_early=stopped_early, stop_reason=reason,
+      eval=last_eval, evals=last_evals, stopped_early=stopped_early, stop_reason=reason,
       nonfinite_steps=nonfinite.total, wall_seconds=time.time() - start_time,
       samples=sample_path and os.path.relpath(sample_path, workdir))
   if jax.process_index() == 0:

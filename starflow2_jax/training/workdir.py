@@ -1,26 +1,52 @@
-"""Using a trained workdir: held-out bits/dim and images for captions."""
+"""Using a trained workdir: evaluators at a checkpoint, images for captions and prompts."""
 
+import json
 import os
 
 import jax
 
 from starflow2_jax import image_io
 from starflow2_jax import sharding
+from starflow2_jax.evaluation import evaluators
 from starflow2_jax.sampling import prompts
 from starflow2_jax.training import data as data_lib
+from starflow2_jax.training import metrics as metrics_lib
 from starflow2_jax.training import trainer
 
 
-def evaluate_workdir(config, workdir):
-  """The task's held-out metrics (e.g. pixel bits/dim) at the latest checkpoint."""
-  task, params, step = trainer.restore_params(config, workdir)
+def evaluate_workdir(config, workdir, names=None, step=None):
+  """Runs evaluators (`names`, a list or "a,b"; default: those in `config.evals`) on the
+  latest (or given) checkpoint of a training workdir. Their numbers go to the workdir's
+  TensorBoard at the checkpoint's step, and every result to `evals` in its summary.json
+  (merged with what is there). Returns {name: result} with the step."""
+  task, params, step = trainer.restore_params(config, workdir, step)
   mesh, rules = sharding.mesh_and_rules(config.mesh)
   data_dir = data_lib.records_dir(config, workdir)
+  entries = evaluators.select(config, names)
+  writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
   with jax.set_mesh(mesh):
-    result = trainer.evaluate(jax.jit(task.eval_metrics), params,
-                              data_lib.eval_batches(config, task, data_dir), mesh, rules,
-                              config.seed)
-  return dict(result, step=step, num_examples=config.eval.num_examples)
+    held_out = trainer.held_out_metrics_fn(config, task, jax.jit(task.eval_metrics), params,
+                                           data_dir, mesh, rules)
+    context = evaluators.EvalContext(config, task, params, step, workdir, data_dir, held_out)
+    results = evaluators.run(entries, context, writer)
+  writer.close()
+  _merge_into_summary(workdir, step, results)
+  return dict(results, step=step)
+
+
+def _merge_into_summary(workdir, step, results):
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "summary.json")
+  summary = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      summary = json.load(f)
+  summary.setdefault("evals", {}).update(results)
+  summary["evals_step"] = step
+  with open(path + ".partial", "w") as f:
+    json.dump(summary, f, indent=2)
+  os.replace(path + ".partial", path)
 
 
 def sample_workdir(config, workdir, captions=None, num_per_caption=4, guidance_weight=None,
