@@ -14,12 +14,9 @@ import os
 import numpy as np
 from PIL import Image
 
+from data_pipelines import json_input
 from data_pipelines import records
 from data_pipelines import writers
-
-
-class _SkipInput(Exception):
-  """Internal: one JSONL entry cannot be turned into a record; the message says why."""
 
 
 def _parse_line(line):
@@ -27,37 +24,29 @@ def _parse_line(line):
   try:
     entry = json.loads(line)
   except json.JSONDecodeError as e:
-    raise _SkipInput(f"bad JSON ({e})") from e
+    raise json_input.BadEntry(f"bad JSON ({e})") from e
   if not isinstance(entry, dict):
-    raise _SkipInput(f"expected a JSON object, got {type(entry).__name__}")
+    raise json_input.BadEntry(f"expected a JSON object, got {type(entry).__name__}")
   file, caption = entry.get("file"), entry.get("caption")
   if not isinstance(file, str) or not file:
-    raise _SkipInput("missing or non-string 'file'")
+    raise json_input.BadEntry("missing or non-string 'file'")
   if not isinstance(caption, str) or not caption.strip():
-    raise _SkipInput("missing or empty 'caption'")
+    raise json_input.BadEntry("missing or empty 'caption'")
   return file, caption
-
-
-def _resolve(image_dir, file):
-  """The path of `file` inside `image_dir`; absolute or escaping paths are rejected."""
-  path = os.path.normpath(os.path.join(image_dir, file))
-  if os.path.isabs(file) or os.path.relpath(path, image_dir).startswith(os.pardir):
-    raise _SkipInput("'file' must be a path relative to the image directory")
-  return path
 
 
 def _load_image(path, image_size):
   """The image at `path` as RGB or L, checked against `image_size` (H, W) if given."""
   if not os.path.isfile(path):
-    raise _SkipInput("image file does not exist")
+    raise json_input.BadEntry("image file does not exist")
   try:
     with Image.open(path) as image:
       image.load()
       image = image.convert("L" if image.mode == "L" else "RGB")
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise _SkipInput(f"unreadable image ({type(e).__name__}: {e})") from e
+    raise json_input.BadEntry(f"unreadable image ({type(e).__name__}: {e})") from e
   if image_size is not None and (image.height, image.width) != tuple(image_size):
-    raise _SkipInput(f"image is {image.height}x{image.width}, expected "
+    raise json_input.BadEntry(f"image is {image.height}x{image.width}, expected "
                      f"{image_size[0]}x{image_size[1]} (HxW)")
   return image
 
@@ -71,8 +60,8 @@ def _records(image_dir, captions_jsonl, image_size, summary):
       file = None
       try:
         file, caption = _parse_line(line)
-        image = _load_image(_resolve(image_dir, file), image_size)
-      except _SkipInput as e:
+        image = _load_image(json_input.resolve_image(image_dir, file), image_size)
+      except json_input.BadEntry as e:
         where = f"{captions_jsonl} line {line_number}" + (f" (file {file!r})" if file else "")
         summary.skip(f"{where}: {e}")
         continue

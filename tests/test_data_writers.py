@@ -206,4 +206,4 @@ def test_image_folder_rejects_paths_outside_the_folder(tmp_path):
   jsonl = tmp_path / "captions.jsonl"
   jsonl.write_text(json.dumps({"file": "../outside.png", "caption": "escape"}) + "\n")
   summary = image_folder.write_image_folder(tmp_path / "images", jsonl, tmp_path / "out", "train")
-  assert summary.written == 0 and "relative to the image directory" in summary.problems[0]
+  assert summary.written == 0 and "not inside the image root" in summary.problems[0]
