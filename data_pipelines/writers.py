@@ -2,8 +2,9 @@
 
 Shards are named `{split}-{i:05d}-of-{n:05d}.array_record` and written with
 `group_size:1`, so every record can be read on its own (cheap random access for
-shuffling). Each shard is written under a temporary name and renamed only after every
-shard closed cleanly: a crash never leaves a file that looks complete.
+shuffling), and uncompressed (the PNGs inside already are). Each shard is written under a
+temporary name and renamed only after every shard closed cleanly: a crash never leaves a
+file that looks complete.
 """
 
 import contextlib
@@ -17,7 +18,8 @@ from array_record.python import array_record_module
 
 from data_pipelines import records as records_lib
 
-_WRITER_OPTIONS = "group_size:1"
+# Records hold PNGs (already compressed): ArrayRecord's own compression would only cost time.
+_WRITER_OPTIONS = "group_size:1,uncompressed"
 _PARTIAL_SUFFIX = ".partial"
 
 
