@@ -4,10 +4,11 @@ Each component is `pipeline.example_dataset` over one split (this process's reco
 with its own seed, repeated forever, decoded); `grain.MapDataset.mix` interleaves them by
 weight, and `pipeline.batched` batches the mixture. Every step is an index transformation,
 so the batch at each position is a pure function of (seed, position), the iterator state is
-a position, and resume is exact, as for a single split. Each example carries the index of
-its component as int32 `mixture_source`; `MixtureCounter` pops it before the batch reaches
-the model and turns it into the realised proportions the trainer logs. docs/data_mixtures.md
-describes the config.
+a position, and resume is exact, as for a single split (`mixed_examples`, the mixture before
+batching, also feeds `pipeline.elastic_batched`: batches independent of the process count).
+Each example carries the index of its component as int32 `mixture_source`; `MixtureCounter`
+pops it before the batch reaches the model and turns it into the realised proportions the
+trainer logs. docs/data_mixtures.md describes the config.
 """
 
 import dataclasses
@@ -124,6 +125,15 @@ def make_mixture_dataset(components, transform, *, batch_size, seed, process_ind
     A grain.IterDataset of batches with the transform's fields plus int32 `mixture_source`
     (the component's index in `components`).
   """
+  mixed = mixed_examples(components, transform, seed=seed, process_index=process_index,
+                         process_count=process_count, skip_counter=skip_counter)
+  return pipeline.batched(mixed, batch_size=batch_size, read_threads=read_threads)
+
+
+def mixed_examples(components, transform, *, seed, process_index=0, process_count=1,
+                   skip_counter=None):
+  """The front half of `make_mixture_dataset`: a grain.MapDataset of examples mixed by
+  weight (None = skipped), for `pipeline.batched` or `pipeline.elastic_batched`."""
   if not components or not sum(c.weight for c in components) > 0:
     raise ValueError("a mixture needs at least one component with a positive weight")
   skips = skip_counter if skip_counter is not None else pipeline.SkipCounter()
@@ -134,8 +144,7 @@ def make_mixture_dataset(components, transform, *, batch_size, seed, process_ind
           component.paths, _WithSource(transform, i), seed=component_seed(seed, i),
           process_index=process_index, process_count=process_count, skip_counter=skips))
       weights.append(component.weight)
-  mixed = grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
-  return pipeline.batched(mixed, batch_size=batch_size, read_threads=read_threads)
+  return grain.MapDataset.mix(parts, weights) if len(parts) > 1 else parts[0]
 
 
 def source_counts(sources, num_sources):

@@ -6,6 +6,13 @@ pure function of (seed, position) and the iterator state is just a position: `ge
 is in-process (optionally with threads); worker processes need absl flags to be parsed
 and are slower on few cores anyway.
 
+Two back halves batch the same examples. `batched` (the default, `make_dataset`) batches
+what each process reads of its own records, so batches depend on the process count and the
+position is per process. `elastic_batched` cuts one global order into global batches and
+gives each process its rows of them: batch k is a pure function of (seed, k) whatever the
+number of processes, and the position is the step. With one process and no skipped record
+both give the same batches.
+
 Records that cannot be decoded, or do not fit the example transform, are skipped rather
 than fatal: each bad record is logged once, naming its file and index, and counted in a
 SkipCounter.
@@ -184,3 +191,69 @@ def batched(ds, *, batch_size, drop_remainder=True, read_threads=2):
                                    prefetch_buffer_size=max(2 * batch_size, 16))
   ds = ds.to_iter_dataset(read_options)
   return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+# Consecutive skipped records after which `elastic_batched` gives up (the data is unusable).
+MAX_CONSECUTIVE_SKIPS = 10_000
+
+
+def process_rows(batch_size, process_index=0, process_count=1):
+  """(start, stop): process `process_index`'s even share of the rows of a global batch."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if batch_size % process_count:
+    raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+  share = batch_size // process_count
+  return process_index * share, (process_index + 1) * share
+
+
+class _SlotExample:
+  """Row r of a process's share -> the example at its global slot, or the next one after it
+  in the global order that decodes (skipped records are None)."""
+
+  def __init__(self, examples, batch_size, rows):
+    self._examples = examples
+    self._batch_size = batch_size
+    self._start, stop = rows
+    self._share = stop - self._start
+
+  def __call__(self, row):
+    batch, offset = divmod(int(row), self._share)
+    first = batch * self._batch_size + self._start + offset
+    for slot in range(first, first + MAX_CONSECUTIVE_SKIPS):
+      example = self._examples[slot]
+      if example is not None:
+        return example
+    raise ValueError(f"{MAX_CONSECUTIVE_SKIPS} records in a row from slot {first} were "
+                     "skipped (the warnings name them): no usable training data")
+
+
+def elastic_batched(ds, *, batch_size, rows=None, start_step=0, read_threads=2):
+  """The elastic back half: a MapDataset of examples in one global order (None = skipped) ->
+  this process's rows of each global batch, as a grain.IterDataset from batch `start_step`.
+
+  Global batch k is slots [k·batch_size, (k+1)·batch_size) of `ds`; this process decodes
+  only its `rows` = (start, stop) of them (default: all). A skipped slot takes the next
+  example of the global order that decodes (so that example appears twice), which every
+  process count finds alike. Batch k is therefore a pure function of (seed, k): the data
+  position is the step, and a run resumed at step k, with any number of processes, passes
+  `start_step=k` and needs no iterator state. Without skipped records and with all rows,
+  the batches are exactly `batched(ds)`'s.
+
+  Args:
+    ds: `example_dataset` (or a mixture of them) over all records: process_count=1.
+    batch_size: the global batch size.
+    rows: (start, stop), this process's rows of each global batch (see `process_rows`).
+    start_step: the first global batch to yield.
+    read_threads: threads decoding records in this process (0 = in the calling thread).
+  """
+  start, stop = rows or (0, batch_size)
+  if not 0 <= start < stop <= batch_size:
+    raise ValueError(f"rows {rows} are not a range within a batch of {batch_size}")
+  share = stop - start
+  num_batches = len(ds) // batch_size
+  slots = grain.MapDataset.range(start_step * share, num_batches * share)
+  read_options = grain.ReadOptions(num_threads=read_threads,
+                                   prefetch_buffer_size=max(2 * share, 16))
+  examples = slots.map(_SlotExample(ds, batch_size, (start, stop)))
+  return examples.to_iter_dataset(read_options).batch(share, drop_remainder=True)

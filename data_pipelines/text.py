@@ -1,7 +1,7 @@
 """Tokenizers for the standalone caption models and the demo's tiny language model.
 
-Both map text to fixed-length ids with a validity mask (`encode`) and back (`decode`); pad is
-id 0. Real STARFlow2 runs use the Qwen tokenizer (`models/qwen2_5_vl/tokenizer.py`) instead.
+Each maps text to ids (`ids`), to fixed-length ids with a validity mask (`encode`) and back
+(`decode`).
 
 * `ByteTokenizer`: UTF-8 bytes (byte b -> b + 1, 257 ids); needs no vocabulary, so any text
   works, at the price of one token per byte.
@@ -9,8 +9,11 @@ id 0. Real STARFlow2 runs use the Qwen tokenizer (`models/qwen2_5_vl/tokenizer.p
   "a photo of a sneaker" is 5 tokens instead of 20: a shorter context makes every training step
   cheaper. Words are runs of letters, digits, `-`, `/` and `'`; other non-space characters are
   one token each. Words outside the list map to the unknown id.
+* `HFTokenizer`: a Hugging Face `tokenizer.json` (Qwen2.5-VL's, in a converted checkpoint's
+  directory): what real STARFlow2 runs read their records with. Loaded when first used.
 """
 
+import os
 import re
 
 import numpy as np
@@ -130,9 +133,39 @@ def vocabulary(texts):
   return list(dict.fromkeys(w for t in texts for w in split_words(t)))
 
 
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (e.g. Qwen2.5-VL's); `pad_token` is its padding id."""
+
+  def __init__(self, path, pad_token="<|endoftext|>"):
+    import tokenizers   # only runs that read real text need it
+    if not os.path.isfile(path or ""):
+      raise FileNotFoundError(f"tokenizer file {path!r} does not exist (config.data."
+                              "tokenizer_json: a converted checkpoint's tokenizer.json)")
+    self._tokenizer = tokenizers.Tokenizer.from_file(path)
+    self.pad_id = self.special_id(pad_token)
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def special_id(self, token):
+    token_id = self._tokenizer.token_to_id(token)
+    if token_id is None:
+      raise ValueError(f"{token!r} is not in the tokenizer's vocabulary")
+    return token_id
+
+  def ids(self, text):
+    """Variable-length ids of `text` (no padding, no special tokens added)."""
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode(self, text, max_len):
+    return _fixed_length(self.ids(text), max_len, self.pad_id)
+
+  def decode(self, ids):
+    ids = _check_range(ids, self.vocab_size)
+    return self._tokenizer.decode([int(i) for i in ids if i != self.pad_id])
+
+
 def build_tokenizer(config):
-  """The tokenizer a data config names: `tokenizer="bytes"`, or `"words"` with `words=[...]`
-  (and optionally `special_tokens=[...]`)."""
+  """The tokenizer a data config names: `tokenizer="bytes"`, `"words"` with `words=[...]`
+  (and optionally `special_tokens=[...]`), or `"hf"` with `tokenizer_json` (a path)."""
   kind = config.get("tokenizer", "bytes")
   if kind == "bytes":
     return ByteTokenizer()
@@ -140,4 +173,6 @@ def build_tokenizer(config):
     if not config.get("words"):
       raise ValueError("config.data.tokenizer='words' needs the word list in config.data.words")
     return WordTokenizer(list(config["words"]), tuple(config.get("special_tokens", ())))
-  raise ValueError(f"config.data.tokenizer={kind!r}: use 'bytes' or 'words'")
+  if kind == "hf":
+    return HFTokenizer(config.get("tokenizer_json"))
+  raise ValueError(f"config.data.tokenizer={kind!r}: use 'bytes', 'words' or 'hf'")

@@ -40,6 +40,7 @@ def get_config(preset=""):
       words=WORDS,
       max_caption_len=max(len(text.split_words(c)) for c in CAPTIONS),   # 6 tokens
       read_threads=0,                # decode records in the training thread (fastest on 2 cores)
+      elastic=False,                 # True: batch k depends on (seed, k) only (docs/launch.md)
   )
   c.latent = dict(name="patch", patch_size=4)
   c.model = dict(
@@ -65,6 +66,7 @@ def get_config(preset=""):
       keep_checkpoints=2,
       time_limit_minutes=9.5,        # > 0: save and stop early when reached (0: no limit)
       max_nonfinite_steps=10,        # non-finite steps in a row that stop the run (0: never)
+      microbatches=1,                # > 1: accumulate the gradient over microbatches
   )
   c.optimizer = dict(learning_rate=2e-3, warmup_steps=100, min_learning_rate=1e-6,
                      b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,

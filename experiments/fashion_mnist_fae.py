@@ -72,7 +72,8 @@ def _image_run(run, size):
   c.train = dict(steps=steps, batch_size=s["batch_size"], caption_dropout=0.0,
                  log_every=min(100, steps), eval_every=0, sample_every=0,
                  checkpoint_every=steps, keep_checkpoints=1, time_limit_minutes=0.0,
-                 max_nonfinite_steps=10, final_samples=False)
+                 max_nonfinite_steps=10, final_samples=False,
+                 microbatches=1)             # DINOv2 and FAE runs do not accumulate: keep 1
   c.optimizer = dict(learning_rate=2e-3 if run != "fae_pixels" else 1e-3,
                      warmup_steps=min(100, steps // 5), min_learning_rate=1e-5, b1=0.9,
                      b2=0.99, eps=1e-8, weight_decay=1e-4, grad_clip_norm=1.0,

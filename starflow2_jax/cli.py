@@ -67,6 +67,33 @@ def require(fv, *names):
   return [fv[n].value for n in names]
 
 
+def define_distributed(fv):
+  """--coordinator_address, --num_processes, --process_id: this process's place in a
+  multi-process run (docs/launch.md)."""
+  flags.DEFINE_string("coordinator_address", None, "Several processes: HOST:PORT of process 0 "
+                      "(the same on every process), or 'auto' to let JAX read the cluster "
+                      "(Cloud TPU, SLURM, Open MPI). Default: config.distributed, else a SLURM "
+                      "or Open MPI job with several tasks or a multi-host TPU slice found in "
+                      "the environment, else one process.", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Several processes: how many, with "
+                       "--coordinator_address.", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Several processes: this one's index in "
+                       "[0, --num_processes), with --coordinator_address.", lower_bound=0,
+                       flag_values=fv)
+
+
+def join_run(fv, config):
+  """Initializes `jax.distributed` from the flags, `config.distributed` or the environment
+  (nothing for a process alone); call before anything touches a device."""
+  from starflow2_jax.training import distributed
+  try:
+    distributed.initialize(distributed.settings(
+        config, coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+        process_id=fv.process_id))
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+
+
 def config_or_saved(fv, workdir):
   """--config when given, else the config saved in a training workdir."""
   if fv["config"].present:
@@ -80,11 +107,13 @@ def config_or_saved(fv, workdir):
 def _define_train(fv, argv):
   define_config(fv, argv)
   define_workdir(fv)
+  define_distributed(fv)
 
 
 def _train(fv):
-  from starflow2_jax.training import trainer
   (workdir,) = require(fv, "workdir")
+  join_run(fv, fv.config)
+  from starflow2_jax.training import trainer
   print(json.dumps(trainer.train(fv.config, workdir).summary, indent=2))
 
 
@@ -96,13 +125,15 @@ def _define_eval(fv, argv):
                     "skip_analysis, …); default: every entry of config.evals.", flag_values=fv)
   flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).",
                        flag_values=fv)
+  define_distributed(fv)
 
 
 def _eval(fv):
-  from starflow2_jax.training import workdir as workdir_lib
   (workdir,) = require(fv, "workdir")
-  results = workdir_lib.evaluate_workdir(config_or_saved(fv, workdir), workdir, fv.evals,
-                                         fv.step)
+  config = config_or_saved(fv, workdir)
+  join_run(fv, config)
+  from starflow2_jax.training import workdir as workdir_lib
+  results = workdir_lib.evaluate_workdir(config, workdir, fv.evals, fv.step)
   print(json.dumps(results, indent=2, default=str))
 
 
@@ -286,11 +317,46 @@ def _features(fv, images):
   print(f"wrote {out}: {shape}")
 
 
+def _define_plan(fv, argv):
+  from starflow2_jax.training import plan
+  define_config(fv, argv, None, "The stage's config (experiments/*.py[:preset]), with "
+                "--config.* overrides.")
+  flags.DEFINE_integer("devices", None, "How many devices to plan for (simulated on the CPU).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("mesh", None, "The mesh, axis=size over data, fsdp, tensor (e.g. "
+                      "data=2,fsdp=4; axes left out are 1); must multiply to --devices "
+                      "(default: config.mesh.shape).", flag_values=fv)
+  flags.DEFINE_enum("chip", "h100", sorted(plan.CHIPS), "The chip whose dense bf16 peak "
+                    "gives the step time.", flag_values=fv)
+  flags.DEFINE_float("mfu", 0.4, "The model FLOPs utilisation assumed for the step time.",
+                     flag_values=fv)
+  flags.DEFINE_boolean("json", False, "Print one JSON object instead of the table.",
+                       flag_values=fv)
+
+
+def _plan(fv):
+  from starflow2_jax.training import plan
+  config, devices = require(fv, "config", "devices")
+  try:
+    mesh = plan.mesh_sizes(plan.parse_mesh(fv.mesh) if fv.mesh else config.mesh.shape, devices)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if not 0 < fv.mfu <= 1:
+    raise UsageError(f"--mfu {fv.mfu} is not in (0, 1]")
+  report = plan.plan_in_subprocess(config, devices, mesh, fv.chip, fv.mfu)
+  print(json.dumps(report) if fv.json else plan.table(report))
+
+
 LIBRARY_COMMANDS = {
     "train": Command(
         "train --config in --workdir (resumes from the latest checkpoint)",
         "starflow2 train --config experiments/fashion_mnist.py --workdir runs/fm "
         "[--config.train.steps=N]", _define_train, _train),
+    "plan": Command(
+        "a stage's train step compiled ahead of time for N simulated devices: memory per "
+        "device, FLOPs per step, sharded share, step time at a stated MFU",
+        "starflow2 plan --config experiments/fashion_mnist_stages.py:stage1-tiny --devices 8 "
+        "--mesh data=2,fsdp=4 [--json]", _define_plan, _plan),
     "eval": Command(
         "evaluators named in the config or by --evals (bits/dim, benchmark exports, …) on a "
         "trained workdir's checkpoint",

@@ -1,6 +1,8 @@
 """Tests for weighted data mixtures: realised proportions within 1% of the weights over 10k
 examples, determinism, exact resume mid-mixture (iterator state and Orbax), the counter the
-trainer logs from, config errors that name the key, and `config.data.mixture` end to end."""
+trainer logs from, config errors that name the key, and `config.data.mixture` end to end;
+the single-process order pinned; elastic mixtures (`data.elastic`): the default's batches
+with one process, batch k the same for any process count."""
 
 import itertools
 
@@ -12,6 +14,7 @@ import pytest
 
 from data_pipelines import examples
 from data_pipelines import mixture
+from data_pipelines import pipeline
 from data_pipelines import records
 from data_pipelines import writers
 import fake_data as testing
@@ -86,6 +89,34 @@ def test_proportions_over_10k_examples_are_within_1_percent(dirs, weights):
   for seen, size in zip(labels, SIZES.values()):
     counts = np.bincount(seen, minlength=size)
     assert len(counts) == size and counts.max() - counts.min() <= 1, counts
+
+
+# The first batches of `_dataset(dirs)` as the pipeline made them before elastic batching
+# existed: the single-process order must never change.
+TODAYS_LABELS = [[507, 100208, 326, 102708], [543, 206180, 567, 100147],
+                 [337, 210357, 530, 102253]]
+
+
+def test_single_process_mixture_keeps_todays_order(dirs):
+  assert [b["label"].tolist() for b in _take(iter(_dataset(dirs)), 3)] == TODAYS_LABELS
+
+
+def _elastic(dirs, rows=None, start_step=0):
+  components = mixture.parse_mixture(_entries(dirs), dirs["data"])
+  mixed = mixture.mixed_examples(components, examples.CaptionImageExample(IMAGE_SHAPE, 12),
+                                 seed=3)
+  return pipeline.elastic_batched(mixed, batch_size=4, rows=rows, start_step=start_step,
+                                  read_threads=0)
+
+
+def test_elastic_mixture_batch_k_is_the_same_for_any_process_count(dirs):
+  expected = _take(iter(_dataset(dirs)), 8)                 # the default, one process
+  _assert_batches_equal(_take(iter(_elastic(dirs)), 8), expected)
+  for start in (0, 5):
+    halves = [_take(iter(_elastic(dirs, pipeline.process_rows(4, p, 2), start)), 8 - start)
+              for p in range(2)]
+    joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*halves)]
+    _assert_batches_equal(joined, expected[start:])
 
 
 def test_same_seed_gives_same_batches(dirs):
@@ -198,3 +229,19 @@ def test_config_data_mixture_feeds_training_batches(dirs, tmp_path):
   with pytest.raises(FileNotFoundError, match="split 'absent'"):
     data_lib.records_dir(config, str(tmp_path))
   assert data_lib.mixture_counter(config, data_dir).fractions() == {}
+
+
+def test_config_data_elastic_feeds_the_same_training_batches(dirs, tmp_path):
+  config = _config(dirs, _entries(dirs))
+  data_dir = data_lib.records_dir(config, str(tmp_path))
+  expected = _take(iter(data_lib.train_dataset(config, _CaptionTask(), data_dir)), 4)
+  config.data.elastic = True
+  elastic = data_lib.train_dataset(config, _CaptionTask(), data_dir)
+  _assert_batches_equal(_take(iter(elastic), 4), expected)
+  second_half = data_lib.train_dataset(config, _CaptionTask(), data_dir, start_step=2,
+                                       rows=(5, 10))
+  _assert_batches_equal(_take(iter(second_half), 2),
+                        [{k: v[5:] for k, v in b.items()} for b in expected[2:]])
+  config.data.elastic = False
+  with pytest.raises(ValueError, match="checkpointed iterator"):
+    data_lib.train_dataset(config, _CaptionTask(), data_dir, start_step=2)

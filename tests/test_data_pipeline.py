@@ -1,4 +1,7 @@
-"""Tests for the Grain pipeline: shapes, determinism, exact resumption, sharding, skipping."""
+"""Tests for the Grain pipeline: shapes, determinism, exact resumption, sharding, skipping;
+single-process batches pinned to today's order; elastic batches (`elastic_batched`): the
+default's batches with one process, batch k the same for any process count, skipped records
+replaced alike."""
 
 import itertools
 import logging
@@ -42,6 +45,25 @@ def _labels(batches):
 
 def _take(iterator, n):
   return list(itertools.islice(iterator, n))
+
+
+def _assert_batches_equal(actual, expected):
+  assert len(actual) == len(expected)
+  for a, e in zip(actual, expected):
+    assert sorted(a) == sorted(e)
+    for key in e:
+      np.testing.assert_array_equal(a[key], e[key], err_msg=key)
+
+
+# The single-process batches of `_dataset(paths)` (seed 7, batches of 3) as the pipeline
+# made them when the demos' published figures were trained: they must never change.
+TODAYS_LABELS = [[12, 19, 9], [1, 6, 7], [18, 10, 3], [14, 4, 17], [2, 8, 0], [16, 13, 11],
+                 [15, 5, 11], [5, 10, 14], [7, 8, 16], [6, 19, 4]]
+
+
+def test_single_process_batches_keep_todays_order(paths):
+  for kwargs in ({}, dict(process_index=0, process_count=1), dict(read_threads=0)):
+    assert _labels(_take(iter(_dataset(paths, **kwargs)), 10)) == TODAYS_LABELS
 
 
 def test_batches_have_expected_shapes_and_dtypes(paths):
@@ -97,7 +119,9 @@ def test_process_shards_are_disjoint_and_cover_the_data(paths):
   assert set().union(*seen) == set(range(NUM_RECORDS))
 
 
-def test_malformed_and_mismatched_records_are_skipped_and_counted(tmp_path, caplog):
+def _write_mixed_records(tmp_path):
+  """One shard of good records (labels 0-3) and four bad ones: [good 0, not msgpack, wrong
+  image size, good 1, two texts, undecodable PNG, good 2, good 3]. Returns its path."""
   good = testing.caption_image_records(4, IMAGE_SHAPE)
   wrong_size = testing.caption_image_records(1, (4, 4, 3))[0]
   two_texts = records.InterleavedRecord(
@@ -111,7 +135,11 @@ def test_malformed_and_mismatched_records_are_skipped_and_counted(tmp_path, capl
   for payload in payloads:
     writer.write(payload)
   writer.close()
+  return path
 
+
+def test_malformed_and_mismatched_records_are_skipped_and_counted(tmp_path, caplog):
+  path = _write_mixed_records(tmp_path)
   skips = pipeline.SkipCounter()
   ds = pipeline.make_dataset([path], _transform(), batch_size=1, seed=0, num_epochs=2,
                              skip_counter=skips)
@@ -162,3 +190,67 @@ def test_make_dataset_rejects_bad_arguments(paths, tmp_path):
   (tmp_path / "junk.array_record").write_bytes(b"junk")
   with pytest.raises(ValueError, match="junk.array_record.*not a readable ArrayRecord"):
     _dataset([str(tmp_path / "junk.array_record")])
+
+
+# ---- elastic batches: batch k is a pure function of (seed, k) -------------------------------
+
+def _elastic(paths, process_index=0, process_count=1, *, batch_size=4, shuffle=True, seed=7,
+             **kwargs):
+  """Process `process_index`'s rows of the elastic global batches of `paths`."""
+  examples = pipeline.example_dataset(paths, _transform(), seed=seed, shuffle=shuffle,
+                                      skip_counter=kwargs.pop("skip_counter", None))
+  rows = pipeline.process_rows(batch_size, process_index, process_count)
+  return pipeline.elastic_batched(examples, batch_size=batch_size, rows=rows, **kwargs)
+
+
+def _global_batches(paths, process_count, start_step, count, **kwargs):
+  """Global batches start_step … start_step + count - 1, each the concatenation of every
+  process's rows (how `sharding.global_batch` assembles them)."""
+  parts = [_take(iter(_elastic(paths, p, process_count, start_step=start_step, **kwargs)), count)
+           for p in range(process_count)]
+  return [{key: np.concatenate([rows[key] for rows in batch_rows]) for key in batch_rows[0]}
+          for batch_rows in zip(*parts)]
+
+
+def test_elastic_batches_are_the_default_batches_with_one_process(paths):
+  expected = _take(iter(_dataset(paths, batch_size=4)), 12)    # 48 examples: into epoch 3
+  _assert_batches_equal(_take(iter(_elastic(paths)), 12), expected)
+  _assert_batches_equal(_take(iter(_elastic(paths, read_threads=0, start_step=5)), 7),
+                        expected[5:])
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_elastic_batch_k_is_the_same_for_any_process_count(paths, process_count):
+  expected = _take(iter(_elastic(paths)), 12)
+  for start in (0, 7):                                        # from scratch; resumed at step 7
+    _assert_batches_equal(_global_batches(paths, process_count, start, 12 - start),
+                          expected[start:])
+  shares = [_take(iter(_elastic(paths, p, process_count)), 1)[0]["label"]
+            for p in range(process_count)]
+  assert all(len(share) == 4 // process_count for share in shares)
+  assert len(set(np.concatenate(shares).tolist())) == 4       # the processes' rows differ
+
+
+def test_elastic_skipped_record_is_replaced_by_the_next_good_one(tmp_path):
+  """Unshuffled, the slots hold [0, bad, bad, 1, bad, bad, 2, 3] and again: each bad slot
+  takes the next decodable record, for every process count; the default drops and shifts."""
+  paths = [_write_mixed_records(tmp_path)]
+  expected = [[0, 1, 1, 1], [2, 2, 2, 3], [0, 1, 1, 1], [2, 2, 2, 3]]
+  for process_count in (1, 2, 4):
+    skips = pipeline.SkipCounter()
+    batches = _global_batches(paths, process_count, 0, 4, shuffle=False, skip_counter=skips)
+    assert _labels(batches) == expected
+    assert skips.count == 4
+  assert _labels(_global_batches(paths, 2, 3, 1, shuffle=False)) == expected[3:]
+  default = pipeline.make_dataset(paths, _transform(), batch_size=4, seed=7, shuffle=False)
+  assert _labels(_take(iter(default), 2)) == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_elastic_rejects_bad_rows(paths):
+  with pytest.raises(ValueError, match="not divisible by 3 processes"):
+    pipeline.process_rows(4, 0, 3)
+  with pytest.raises(ValueError, match="process_index 2"):
+    pipeline.process_rows(4, 2, 2)
+  examples = pipeline.example_dataset(paths, _transform(), seed=7)
+  with pytest.raises(ValueError, match=r"rows \(3, 2\)"):
+    pipeline.elastic_batched(examples, batch_size=4, rows=(3, 2))

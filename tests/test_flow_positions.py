@@ -13,13 +13,13 @@ import optax
 import pytest
 
 from experiments import fashion_mnist_stages
+from experiments import starflow2
 from helpers import unboxed
 from data_pipelines import mrope_positions as positions_lib
 from starflow2_jax.flows import stack
 from starflow2_jax.layers import rotary
 from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.models import pretzel
-from starflow2_jax.models import pretzel_presets
 from starflow2_jax.models import stages
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
 from starflow2_jax.training import pretzel_task
@@ -36,10 +36,10 @@ MIN_ANGLE_PER_STEP = 0.05
 def flow_stream_configs():
   """(name, deep Transformer config) of the flow stream at every preset in use."""
   configs = []
-  for preset in ("stage1", "stage1-tiny", "stage3"):
-    model = pretzel_task.build_model(fashion_mnist_stages.get_config(preset), latent_dim=16)
-    configs.append((f"fashion_mnist_stages:{preset}", model.config.flow.deep))
-  configs.append(("paper", pretzel_presets.paper_config().flow.deep))
+  for arg in ("stage=1,size=demo", "stage=1,size=tiny", "stage=3,size=demo",
+              "stage=1,size=1b", "stage=3,size=paper"):
+    model = pretzel_task.build_model(starflow2.get_config(arg), latent_dim=16)
+    configs.append((f"starflow2:{arg}", model.config.flow.deep))
   return configs
 
 

@@ -1,11 +1,14 @@
 """Tests for the Transformer layers: KV-cached decoding, padding masks, rotary positions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from starflow2_jax.layers import attention
+from starflow2_jax.layers import remat
 from starflow2_jax.layers import rotary
 from starflow2_jax.layers import transformer as transformer_lib
 
@@ -169,3 +172,36 @@ def test_rotary_scores_depend_only_on_relative_position():
       assert score(offset + delta, offset) == pytest.approx(reference, abs=1e-4)
   # ... and does depend on the difference (the test above is not vacuous).
   assert abs(score(3, 0) - score(0, 0)) > 1e-2
+
+
+# ---- rematerialisation policies (layers/remat.py) -----------------------------------------
+
+def _grads_and_jaxpr(remat):
+  config = dataclasses.replace(helpers.transformer_config(width=16, num_layers=2, num_heads=2),
+                               remat=remat)
+  module = transformer_lib.Transformer(config)
+  x, positions, valid = _inputs(config.width)
+  params = helpers.random_params(transformer_lib.Transformer(
+      dataclasses.replace(config, remat=False)), x, positions, valid, seed=1)
+  loss = lambda p: jnp.sum(module.apply({"params": p}, x, positions, valid)[0] ** 2)
+  return jax.grad(loss)(params), str(jax.make_jaxpr(loss)(params)), config
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "save_outs", True])
+def test_remat_policies_change_memory_not_gradients(policy):
+  """Every policy recomputes the same arithmetic, so gradients agree with keeping everything
+  (within the float32 policy: XLA may fuse the recomputed ops differently); each layer is
+  wrapped in one remat region (`remat2` in the forward program), none without a policy."""
+  plain, plain_jaxpr, config = _grads_and_jaxpr("none")
+  grads, jaxpr, _ = _grads_and_jaxpr(policy)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(plain)):
+    assert_float32_close(got, want, **_tolerance(config))
+  assert plain_jaxpr.count("remat2[") == 0
+  assert jaxpr.count("remat2[") == config.num_layers
+  assert jaxpr.count("attention_out") >= config.num_layers     # the tags the policy names
+
+
+def test_remat_policy_names_are_checked():
+  assert remat.policy_name(False) == "none" and remat.policy_name(True) == "full"
+  with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+    remat.policy_name("some")

@@ -10,6 +10,7 @@ from starflow2_jax.layers import attention
 from starflow2_jax.layers import kv_cache as kv_cache_lib
 from starflow2_jax.layers import mlp as mlp_lib
 from starflow2_jax.layers import norms
+from starflow2_jax.layers import remat
 from starflow2_jax.layers import rotary
 
 
@@ -21,7 +22,7 @@ class TransformerConfig:
   num_heads: int
   mlp_ratio: float = 4.0
   rope_theta: float = 10_000.0
-  remat: bool = False
+  remat: bool | str = False     # a `remat.POLICIES` name (True: "full", False: "none")
   # None: 1-D positions [B, T]. "chunked" / "interleaved": M-RoPE over (t, row, col)
   # positions [3, B, T] with that frequency layout (`rotary.mrope_axis_of_frequency`);
   # "chunked" needs `mrope_section`.
@@ -62,9 +63,10 @@ class TransformerLayer(nn.Module):
         cfg.num_heads, cfg.head_dim, cfg.rope_theta, name="attention", **kw)(
             h_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid_bs,
             angles_bth=angles_bth)
-    x_btd = x_btd + h_btd
+    x_btd = x_btd + remat.tag(h_btd, remat.ATTENTION_OUT)
     h_btd = norms.layer_norm("mlp_norm", **kw)(x_btd)
-    x_btd = x_btd + mlp_lib.MLP(int(cfg.mlp_ratio * cfg.width), name="mlp", **kw)(h_btd)
+    h_btd = mlp_lib.MLP(int(cfg.mlp_ratio * cfg.width), name="mlp", **kw)(h_btd)
+    x_btd = x_btd + remat.tag(h_btd, remat.MLP_OUT)
     return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), layer_cache
 
 
@@ -81,7 +83,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd, positions_bt, valid_bt, cache=None):
-    layer_cls = nn.remat(TransformerLayer, static_argnums=()) if self.config.remat else TransformerLayer
+    layer_cls = remat.remat_layer(TransformerLayer, self.config.remat)
     x_btd = nn.with_logical_constraint(x_btd.astype(self.dtype), ("batch", "length", "embed"))
     if cache is None:
       layer_caches = (None,) * self.config.num_layers

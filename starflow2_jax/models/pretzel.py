@@ -63,6 +63,7 @@ class PretzelConfig:
   skips: bool = True
   freeze_vlm: bool = True
   vlm_dtype: str = "float32"
+  vlm_remat: bool | str = "none"      # the VLM layers' `layers/remat.py` policy
 
   def __post_init__(self):
     if self.flow.deep.rope_layout not in rotary.MROPE_LAYOUTS:
@@ -190,7 +191,7 @@ class Pretzel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     vlm_dtype = jnp.dtype(cfg.vlm_dtype)
     decoder = FrozenTextDecoder if cfg.freeze_vlm else text_lib.TextDecoder
-    self.vlm = decoder(cfg.vlm, dtype=vlm_dtype, param_dtype=vlm_dtype)
+    self.vlm = decoder(cfg.vlm, dtype=vlm_dtype, param_dtype=vlm_dtype, remat=cfg.vlm_remat)
     self.adapter = adapter_lib.Adapter(cfg.vlm.hidden_size, cfg.adapter_hidden, **kw)
     self.shallow = [stack.shallow_block(cfg.flow, k, **kw).clone(name=f"shallow_{k}")
                     for k in range(cfg.flow.num_shallow_blocks)]

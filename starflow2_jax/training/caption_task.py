@@ -87,15 +87,42 @@ class CaptionToImageTask:
                            batch["caption_mask"], keep_caption_b)
     return likelihood.nll_per_dim(out.z_bnd, out.log_det_shallow_b + out.log_det_deep_b)
 
-  def loss(self, params, batch, rng):
-    """Multi-noise flow NLL, weighted per example, with caption dropout for CFG."""
+  def noisy_inputs(self, batch, rng):
+    """The loss's random inputs: noised latents x̃, noise levels t [B], and which captions
+    are kept [B] (the others are dropped for classifier-free guidance)."""
     cfg = self.config
     x, t, rng_drop = losses.noisy_latents(rng, self.latent.encode(batch["image"]), cfg.noise,
                                           self.latent.dequantize)
     keep = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (x.shape[0],))
+    return x, t, keep
+
+  def loss(self, params, batch, rng):
+    """Multi-noise flow NLL, weighted per example, with caption dropout for CFG."""
+    cfg = self.config
+    x, t, keep = self.noisy_inputs(batch, rng)
     nll = self.nll(params, x, t, batch, keep)
     loss = jnp.mean(noise.loss_weights(t, cfg.noise.loss_weighting) * nll)
     return loss, {"loss": loss, "nll": jnp.mean(nll)}
+
+  # ---- the loss in microbatches (`accumulation.MicrobatchLoss`) -----------------------
+
+  def loss_inputs(self, batch, rng):
+    """`loss`'s per-example inputs, drawn for the whole batch: x̃, t, kept captions and the
+    loss weights (normalised over the whole batch)."""
+    x, t, keep = self.noisy_inputs(batch, rng)
+    return dict(x=x, t=t, keep=keep,
+                weights_b=noise.loss_weights(t, self.config.noise.loss_weighting))
+
+  def loss_totals(self, batch):
+    """The denominator of `loss`'s means: the whole batch's examples."""
+    return {"examples": batch["image"].shape[0]}
+
+  def loss_share(self, params, batch, inputs, totals):
+    """A slice's share of `loss` and its metrics: the slice's sums over the whole batch's
+    examples; the shares of a batch's slices add up to `loss`."""
+    nll = self.nll(params, inputs["x"], inputs["t"], batch, inputs["keep"])
+    loss = jnp.sum(inputs["weights_b"] * nll) / totals["examples"]
+    return loss, {"loss": loss, "nll": jnp.sum(nll) / totals["examples"]}
 
   def eval_metrics(self, params, batch, rng):
     """Held-out NLL: a variational bound on the 8-bit data (uniform dequantisation), with

@@ -3,8 +3,17 @@
 The record format and the Grain pipeline live in `data_pipelines/`, and records are written
 by `starflow2 prepare-data` alone; this module only chooses files, seeds and this process's
 share.
+
+Two ways to share the training batches among processes (`data.elastic`):
+- default: each process reads its own records (`[process_index::process_count]`) and Grain's
+  iterator position is checkpointed per process; a run resumes with the same process count.
+- elastic: batch k is a pure function of (seed, k) whatever the process count; each process
+  decodes its rows of it (`pipeline.elastic_batched`) and the data position is the step, so
+  a run resumes exactly with any number of processes. With one process and no skipped
+  record it yields the default's batches.
 """
 
+import functools
 import os
 import shlex
 
@@ -13,6 +22,8 @@ import jax
 from data_pipelines import mixture
 from data_pipelines import pipeline
 from data_pipelines import writers
+from starflow2_jax import sharding
+from starflow2_jax.training import distributed
 
 
 def records_dir(config, workdir):
@@ -47,17 +58,65 @@ def mixture_components(config, data_dir):
   return mixture.parse_mixture(config.data.get("mixture") or [], data_dir)
 
 
-def train_dataset(config, task, data_dir, skip_counter=None):
-  """An endless, shuffled, checkpointable dataset of this process's training batches: of
-  `data.train_split`, or of the weighted `data.mixture` when the config has one."""
-  options = dict(batch_size=_per_process_batch(config.train.batch_size), seed=config.seed,
-                 process_index=jax.process_index(), process_count=jax.process_count(),
-                 skip_counter=skip_counter, read_threads=config.data.read_threads)
+def is_elastic(config):
+  """Whether batch k is a pure function of (seed, k) for any process count (`data.elastic`)."""
+  return bool(config.data.get("elastic", False))
+
+
+def train_examples(config, task, data_dir, process_index=0, process_count=1, skip_counter=None):
+  """The training examples of a process's records in their seeded order, endless (None =
+  skipped): of the weighted `data.mixture` when the config has one, else `data.train_split`."""
+  options = dict(seed=config.seed, process_index=process_index, process_count=process_count,
+                 skip_counter=skip_counter)
   components = mixture_components(config, data_dir)
   if components:
-    return mixture.make_mixture_dataset(components, task.example_transform(), **options)
+    return mixture.mixed_examples(components, task.example_transform(), **options)
   paths = writers.find_split_files(data_dir, config.data.train_split)
-  return pipeline.make_dataset(paths, task.example_transform(), shuffle=True, **options)
+  return pipeline.example_dataset(paths, task.example_transform(), shuffle=True, **options)
+
+
+def train_dataset(config, task, data_dir, skip_counter=None, start_step=0, rows=None):
+  """An endless, shuffled dataset of this process's training batches.
+
+  Default: batches of this process's records, checkpointable (a Grain iterator position).
+  Elastic (`data.elastic`): this process's `rows` (default: an even share, see
+  `pipeline.process_rows`) of global batches `start_step`, `start_step + 1`, …
+  """
+  threads = config.data.read_threads
+  if is_elastic(config):
+    rows = rows or pipeline.process_rows(config.train.batch_size, jax.process_index(),
+                                         jax.process_count())
+    return pipeline.elastic_batched(train_examples(config, task, data_dir,
+                                                   skip_counter=skip_counter),
+                                    batch_size=config.train.batch_size, rows=rows,
+                                    start_step=start_step, read_threads=threads)
+  if start_step:
+    raise ValueError("without data.elastic the position comes from a checkpointed iterator")
+  examples = train_examples(config, task, data_dir, jax.process_index(), jax.process_count(),
+                            skip_counter)
+  return pipeline.batched(examples, batch_size=_per_process_batch(config.train.batch_size),
+                          read_threads=threads)
+
+
+class TrainBatches:
+  """This process's training batches, and what a checkpoint keeps of their position.
+
+  Default: one Grain iterator, whose position Orbax saves and restores with the state
+  (`checkpointed`). Elastic: the position is the step, nothing is saved (`checkpointed` is
+  None), and `start(step)` opens the batches at that step, this process's rows of each
+  global batch being where the batch sharding on `mesh` puts its data.
+  """
+
+  def __init__(self, config, task, data_dir, mesh, rules):
+    self.elastic = is_elastic(config)
+    rows = (distributed.process_rows(sharding.batch_sharding(mesh, rules),
+                                     config.train.batch_size) if self.elastic else None)
+    self._dataset = functools.partial(train_dataset, config, task, data_dir, rows=rows)
+    self.checkpointed = None if self.elastic else iter(self._dataset())
+
+  def start(self, step):
+    """The iterator whose next batch is batch `step` (in the default mode: once restored)."""
+    return iter(self._dataset(start_step=step)) if self.elastic else self.checkpointed
 
 
 def mixture_counter(config, data_dir):

@@ -12,6 +12,7 @@ Qwen2.5-VL checkpoint (`init.vlm_checkpoint`).
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -53,8 +54,13 @@ def build_model(config, latent_dim):
   model_cfg = pretzel.PretzelConfig(
       vlm=vlm_text_config(m.vlm), flow=flow, adapter_hidden=m.adapter_hidden,
       skips=stages.stage_of(config).skips, freeze_vlm=not stages.stage_of(config).text_only,
-      vlm_dtype=m.vlm_dtype)
+      vlm_dtype=m.vlm_dtype, vlm_remat=m.get("vlm_remat", "none"))
   return pretzel.Pretzel(model_cfg, dtype=jnp.dtype(m.dtype))
+
+
+def image_targets(batch):
+  """The target images of a batch [B, M]: what the flow loss counts."""
+  return batch["image_valid"] & batch["image_target"]
 
 
 def build_layout(config, latent):
@@ -75,11 +81,16 @@ class PretzelTask:
     self.latent = builders.build_latent(config)
     self.model = build_model(config, self.latent.token_dim)
     self.layout = build_layout(config, self.latent)
-    self.tokenizer = text_lib.build_tokenizer(config.data)
+
+  @functools.cached_property
+  def tokenizer(self):
+    """`config.data`'s tokenizer, built when first used (a memory plan needs none)."""
+    tokenizer = text_lib.build_tokenizer(self.config.data)
     vocab = self.model.config.vlm.vocab_size
-    if self.tokenizer.vocab_size > vocab:
+    if tokenizer.vocab_size > vocab:
       raise ValueError(f"the VLM's vocabulary ({vocab}) is smaller than the tokenizer's "
-                       f"{self.tokenizer.vocab_size} ids (config.data.tokenizer)")
+                       f"{tokenizer.vocab_size} ids (config.data.tokenizer)")
+    return tokenizer
 
   # ---- data ---------------------------------------------------------------------------
 
@@ -105,7 +116,9 @@ class PretzelTask:
         text_target=jnp.zeros((batch, t), bool), prompt_text=jnp.zeros((batch, t), bool),
         images=jnp.zeros((batch, m) + tuple(lay.image_shape), jnp.uint8),
         image_positions=jnp.zeros((batch, m, n), jnp.int32),
-        image_valid=jnp.zeros((batch, m), bool), image_target=jnp.zeros((batch, m), bool))
+        image_valid=jnp.zeros((batch, m), bool), image_target=jnp.zeros((batch, m), bool),
+        **({"image_latents": jnp.zeros((batch, m, n, self.latent.token_dim), jnp.float32)}
+           if self.config.data.get("precomputed_latents", False) else {}))
 
   def encode_images(self, images_bmhwc):
     """uint8 images [B, M, H, W, C] -> latents [B, M, N, D]."""
@@ -131,7 +144,7 @@ class PretzelTask:
 
   def init_params(self, rng):
     b = self.dummy_batch()
-    x = self.encode_images(b["images"])
+    x = self.batch_latents(b)                    # (initialisers read shapes only)
     t = jnp.full((1,), self.config.noise.t_min)
     return self.model.init(rng, b["ids"], x, b["image_positions"], b["image_valid"],
                            b["is_visual"], jnp.moveaxis(b["positions"], 1, 0), b["valid"],
@@ -154,13 +167,36 @@ class PretzelTask:
 
   # ---- losses -------------------------------------------------------------------------
 
+  def text_logits(self, params, batch):
+    """The VLM stream's logits alone (stage 0: text records)."""
+    return self.model.apply({"params": params}, batch["ids"],
+                            jnp.moveaxis(batch["positions"], 1, 0), batch["valid"],
+                            method="language_model")
+
   def text_metrics(self, params, batch):
     """Next-token loss and accuracy of the VLM stream alone (stage 0: text records)."""
-    logits = self.model.apply({"params": params}, batch["ids"],
-                              jnp.moveaxis(batch["positions"], 1, 0), batch["valid"],
-                              method="language_model")
-    ntp, accuracy = losses.batch_text_loss(logits, batch)
+    ntp, accuracy = losses.batch_text_loss(self.text_logits(params, batch), batch)
     return {"loss": ntp, "ntp": ntp, "token_accuracy": accuracy}
+
+  def noisy_inputs(self, batch, rng):
+    """The loss's random inputs: noised latents x̃ [B, M, N, D], noise levels t [B], and the
+    sequence mask [B, T] without the prompts of dropped captions (where the stage drops)."""
+    cfg = self.config
+    x, t, rng_drop = losses.noisy_latents(rng, self.batch_latents(batch), cfg.noise,
+                                          self.latent.dequantize)
+    valid = batch["valid"]
+    if self.stage.caption_dropout:
+      keep_b = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (x.shape[0],))
+      valid = valid & ~(batch["prompt_text"] & ~keep_b[:, None])
+    return x, t, valid
+
+  def flow_weights(self, batch, t_b):
+    """The target images [B, M] and each example's flow-loss weight [B]: t's weights average
+    to 1 over the examples that have a target image."""
+    targets_bm = image_targets(batch)
+    weights_b = noise.loss_weights(t_b, self.config.noise.loss_weighting,
+                                   jnp.any(targets_bm, axis=1))
+    return targets_bm, weights_b
 
   def loss(self, params, batch, rng):
     """The stage's loss: L_flow (per image, weighted by t), λ·L_NTP, or both."""
@@ -168,12 +204,7 @@ class PretzelTask:
     if stage.text_only:
       metrics = self.text_metrics(params, batch)
       return metrics["loss"], metrics
-    x, t, rng_drop = losses.noisy_latents(rng, self.batch_latents(batch), cfg.noise,
-                                          self.latent.dequantize)
-    valid = batch["valid"]
-    if stage.caption_dropout:
-      keep_b = jax.random.bernoulli(rng_drop, 1.0 - cfg.train.caption_dropout, (x.shape[0],))
-      valid = valid & ~(batch["prompt_text"] & ~keep_b[:, None])
+    x, t, valid = self.noisy_inputs(batch, rng)
     if not stage.needs_flow_stream:
       logits = self.apply(params, batch, x, t, valid, method="understanding_logits")
       ntp, accuracy = losses.batch_text_loss(logits, batch)
@@ -184,15 +215,64 @@ class PretzelTask:
     loss, metrics = 0.0, {}
     if stage.flow_loss:
       nll_bm = out.images.nll_per_dim()
-      targets_bm = batch["image_valid"] & batch["image_target"]
-      # t's weights average to 1 over the examples that have a target image.
-      weights_b = noise.loss_weights(t, cfg.noise.loss_weighting, jnp.any(targets_bm, axis=1))
+      targets_bm, weights_b = self.flow_weights(batch, t)
       flow_loss = losses.masked_mean(weights_b[:, None] * nll_bm, targets_bm)
       loss = loss + flow_loss
       metrics.update(flow_loss=flow_loss, flow_nll=losses.masked_mean(nll_bm, targets_bm))
     if stage.ntp_loss:
       ntp, accuracy = losses.batch_text_loss(out.logits_btv, batch)
       loss = loss + cfg.loss.ntp_weight * ntp
+      metrics.update(ntp=ntp, token_accuracy=accuracy)
+    metrics["loss"] = loss
+    return loss, metrics
+
+  # ---- the loss in microbatches (`accumulation.MicrobatchLoss`) -----------------------
+
+  def loss_inputs(self, batch, rng):
+    """`loss`'s per-example inputs [B, ...], drawn for the whole batch: x̃, t, the sequence
+    mask after caption dropout, the flow-loss weights (normalised over the whole batch)."""
+    if self.stage.text_only:
+      return {}
+    x, t, valid = self.noisy_inputs(batch, rng)
+    inputs = dict(x=x, t=t, valid=valid)
+    if self.stage.flow_loss:
+      inputs["weights_b"] = self.flow_weights(batch, t)[1]
+    return inputs
+
+  def loss_totals(self, batch):
+    """The denominators of `loss`'s means over the whole batch: target tokens and images."""
+    totals = {}
+    if self.stage.ntp_loss:
+      totals["text"] = losses.text_target_count(batch)
+    if self.stage.flow_loss:
+      totals["images"] = losses.count(image_targets(batch))
+    return totals
+
+  def loss_share(self, params, batch, inputs, totals):
+    """A slice's share of `loss` and its metrics: the slice's sums over the whole batch's
+    `totals`, on its slice of `loss_inputs`; the shares of a batch's slices add up to `loss`."""
+    cfg, stage = self.config, self.stage
+    out = None
+    if stage.text_only:
+      logits = self.text_logits(params, batch)
+    elif not stage.needs_flow_stream:
+      logits = self.apply(params, batch, inputs["x"], inputs["t"], inputs["valid"],
+                          method="understanding_logits")
+    else:
+      out = self.apply(params, batch, inputs["x"], inputs["t"], inputs["valid"],
+                       with_logits=stage.ntp_loss, isolate_flow=not cfg.loss.text_shapes_flow)
+      logits = out.logits_btv
+    loss, metrics = 0.0, {}
+    if stage.flow_loss:
+      nll_bm, targets_bm = out.images.nll_per_dim(), image_targets(batch)
+      flow_loss = losses.share(inputs["weights_b"][:, None] * nll_bm, targets_bm,
+                               totals["images"])
+      loss = loss + flow_loss
+      metrics.update(flow_loss=flow_loss,
+                     flow_nll=losses.share(nll_bm, targets_bm, totals["images"]))
+    if stage.ntp_loss:
+      ntp, accuracy = losses.text_loss_share(logits, batch, totals["text"])
+      loss = loss + (1.0 if stage.text_only else cfg.loss.ntp_weight) * ntp   # as `loss`
       metrics.update(ntp=ntp, token_accuracy=accuracy)
     metrics["loss"] = loss
     return loss, metrics

@@ -2,9 +2,12 @@
 
     record -> batch -> jitted, sharded step -> metrics, samples and checkpoints
 
-Resume is exact: the batch at step k comes from the checkpointed iterator position and the
-step's randomness is fold_in(seed, k), so a run stopped and resumed ends bit-identical to an
-uninterrupted one. SIGTERM saves a checkpoint and returns; the last step is always saved.
+Resume is exact: the batch at step k comes from the checkpointed iterator position (with
+`data.elastic`, from k alone, so the process count may change) and the step's randomness is
+fold_in(seed, k), so a run stopped and resumed ends bit-identical to an uninterrupted one.
+With several processes (`distributed`), each feeds its rows of the global batch, all save
+and restore the checkpoints, and only process 0 writes logs, TensorBoard, samples and
+summary.json. SIGTERM saves a checkpoint and returns; the last step is always saved.
 A step with a non-finite loss or gradient changes nothing but the step counter; too many in
 a row save the (last good) state and return, as SIGTERM does.
 """
@@ -25,6 +28,7 @@ from starflow2_jax import image_io
 from starflow2_jax import sharding
 from starflow2_jax import tree_paths
 from starflow2_jax.evaluation import evaluators
+from starflow2_jax.training import accumulation
 from starflow2_jax.training import checkpointing
 from starflow2_jax.training import data as data_lib
 from starflow2_jax.training import metrics as metrics_lib
@@ -150,14 +154,16 @@ def make_train_step(task, optimizer, schedule, seed, trainable=(".*",)):
   bitwise as they were (the optimizer's own count too, so its learning-rate schedule lags
   `state.step` by the number of skipped steps), while `state.step` still advances, so that
   step k keeps batch k and fold_in(seed, k). metrics["nonfinite"] is 1.0 for a skipped step.
+
+  With `train.microbatches` = K > 1 the loss, metrics and gradient are accumulated over K
+  microbatches (`accumulation`), equal to the full batch's up to float32 summation order.
   """
-  loss_fn = lambda params, batch, rng: task.loss(frozen_without_gradient(params, trainable),
-                                                 batch, rng)
+  loss_and_grad = accumulation.loss_and_grad(
+      task, lambda params: frozen_without_gradient(params, trainable))
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    (loss, step_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng)
+    (loss, step_metrics), grads = loss_and_grad(state.params, batch, rng)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -194,7 +200,8 @@ def save_samples(task, params, step, workdir, writer, seed):
     return None
   grid = grid[0]
   writer.image(step, "samples", grid)
-  return image_io.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+  path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+  return image_io.save_png(grid, path) if jax.process_index() == 0 else path
 
 
 def train(config, workdir):
@@ -223,7 +230,7 @@ def train(config, workdir):
   task = tasks.build_task(config)
   mesh, rules = sharding.mesh_and_rules(config.mesh)
   data_dir = data_lib.records_dir(config, workdir)
-  train_iter = iter(data_lib.train_dataset(config, task, data_dir))
+  train_batches = data_lib.TrainBatches(config, task, data_dir, mesh, rules)
   mixture_counter = data_lib.mixture_counter(config, data_dir)     # realised proportions
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -234,12 +241,13 @@ def train(config, workdir):
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                               keep=cfg_train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
-      state = checkpointer.restore(abstract, train_iter)
+      state = checkpointer.restore(abstract, train_batches.checkpointed)
       logging.info("resumed from step %d", int(state.step))
     else:
       state = state_lib.create_state(task.init_params, optimizer, shardings,
                                      jax.random.key(config.seed))
       state = state.replace(params=task.warm_start(state.params))   # e.g. an earlier stage
+    train_iter = train_batches.start(int(state.step))
 
     # ---- Compiled steps ---------------------------------------------------------------
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -299,14 +307,14 @@ def train(config, workdir):
           save_samples(task, state.params, step, workdir, writer, config.seed)
         reason = stop_reason(stop, deadline, nonfinite)
         if step % cfg_train.checkpoint_every == 0 or reason:
-          checkpointer.save(step, state, train_iter)
+          checkpointer.save(step, state, train_batches.checkpointed)
         if reason:
           log_stop(step, reason, nonfinite)
           break
     stopped_early = reason is not None
     bar.close()
     if checkpointer.latest_step() != step:                    # the last step, always
-      checkpointer.save(step, state, train_iter, force=True)
+      checkpointer.save(step, state, train_batches.checkpointed, force=True)
     checkpointer.wait()
     checkpointer.close()
     if not last_train:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from starflow2_jax.layers import attention
 from starflow2_jax.layers import kv_cache as kv_cache_lib
+from starflow2_jax.layers import remat
 from starflow2_jax.layers import rotary
 from starflow2_jax.models.qwen2_5_vl import blocks
 
@@ -30,18 +31,20 @@ class DecoderLayer(nn.Module):
         cfg.num_heads, cfg.head_dim, use_bias=True, num_kv_heads=cfg.num_kv_heads,
         name="attention", **kw)(h_btd, None, valid_bt, layer_cache, cache_length,
                                 cache_valid_bs, angles_bth=angles_bth)
-    x_btd = x_btd + h_btd
+    x_btd = x_btd + remat.tag(h_btd, remat.ATTENTION_OUT)
     h_btd = blocks.RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **kw)(x_btd)
-    x_btd = x_btd + blocks.SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h_btd)
+    h_btd = blocks.SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h_btd)
+    x_btd = x_btd + remat.tag(h_btd, remat.MLP_OUT)
     return nn.with_logical_constraint(x_btd, ("batch", "length", "embed")), layer_cache
 
 
 class TextDecoder(nn.Module):
   """`embed(ids)`, `__call__(embeds, positions_3bt, valid, cache)` -> (final-norm hidden, cache),
-  `logits(hidden)`."""
+  `logits(hidden)`. `remat` names the layers' rematerialisation policy (`layers/remat.py`)."""
   config: object            # config.TextConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  remat: bool | str = "none"
 
   def setup(self):
     cfg = self.config
@@ -50,7 +53,8 @@ class TextDecoder(nn.Module):
         cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")))
-    self.layers = [DecoderLayer(cfg, name=f"layer_{i}", **kw) for i in range(cfg.num_layers)]
+    layer_cls = remat.remat_layer(DecoderLayer, self.remat)
+    self.layers = [layer_cls(cfg, name=f"layer_{i}", **kw) for i in range(cfg.num_layers)]
     self.final_norm = blocks.RMSNorm(cfg.rms_norm_eps, name="final_norm", **kw)
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
