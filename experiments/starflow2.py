@@ -151,6 +151,9 @@ def get_config(arg="stage=1,size=demo"):
       # input, for the flow and the frozen VLM alike (docs/plan.md has the memory it saves).
       remat=False if fashion_mnist else "full", vlm_remat="none" if fashion_mnist else "full")
   c.init = dict(from_workdir="", vlm_checkpoint="",
+                # At scale the frozen VLM stays out of the stages' checkpoints and is read
+                # back from vlm_checkpoint (the demo's VLM is trained in stage 0: kept).
+                checkpoint_vlm=fashion_mnist,
                 reinitialise=[])     # regexes of parameters whose shape may differ: fresh init
   # λ: the demo's stage 3 leans on the text loss to keep understanding (the frozen-VLM
   # promise). text_shapes_flow=False: that loss does not reach the demo's 1M-parameter flow

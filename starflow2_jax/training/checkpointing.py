@@ -3,9 +3,11 @@
 Saving is asynchronous (training goes on while the state is written), keeps the last N
 steps, and restores into any mesh: the target is the abstract state with its shardings.
 Restoring the latest step falls back to earlier ones when it cannot be read (e.g. a file
-truncated by a crash or a full disk).
+truncated by a crash or a full disk). Parameters another checkpoint already holds (a frozen
+VLM) can be left out and read back from there (`kept_elsewhere`).
 """
 
+import json
 import logging
 import os
 import re
@@ -17,10 +19,16 @@ from flax import traverse_util
 
 
 class Checkpointer:
-  """Thin wrapper over `ocp.CheckpointManager` for (train state, data iterator) pairs."""
+  """Thin wrapper over `ocp.CheckpointManager` for (train state, data iterator) pairs.
 
-  def __init__(self, directory, keep=2, async_save=True):
+  `kept_elsewhere` ({top-level parameter name: (source, load)}) leaves those parameters out
+  of every save — a frozen VLM that its converted checkpoint already holds — and `restore`
+  reads them back with `load(abstract subtree)`; `source` (e.g. that checkpoint's path) is
+  written to `kept_elsewhere.json` beside the steps, so a reader knows where they are."""
+
+  def __init__(self, directory, keep=2, async_save=True, kept_elsewhere=None):
     self.directory = os.path.abspath(directory)
+    self._elsewhere = dict(kept_elsewhere or {})
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.LatestN(keep))
@@ -33,7 +41,8 @@ class Checkpointer:
 
   def save(self, step, state, data_iterator=None, force=False):
     self._discard_unreadable()
-    items = {"state": ocp.args.StandardSave(state)}
+    self._note_elsewhere()
+    items = {"state": ocp.args.StandardSave(self._without_elsewhere(state))}
     if data_iterator is not None:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -67,10 +76,31 @@ class Checkpointer:
         f"no checkpoint step in {self.directory} can be read:\n{lines}") from errors[steps[0]]
 
   def _restore_step(self, step, abstract_state, data_iterator):
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.StandardRestore(self._without_elsewhere(abstract_state))}
     if data_iterator is not None:
       items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    if not self._elsewhere:
+      return state
+    loaded = {name: load(abstract_state.params[name])
+              for name, (_, load) in self._elsewhere.items()}
+    return state.replace(params=dict(state.params, **loaded))
+
+  def _without_elsewhere(self, state):
+    """`state` (or its abstract twin) without the parameters kept elsewhere."""
+    if not self._elsewhere:
+      return state
+    return state.replace(params={k: v for k, v in state.params.items()
+                                 if k not in self._elsewhere})
+
+  def _note_elsewhere(self):
+    if not self._elsewhere or jax.process_index() != 0:
+      return
+    path = os.path.join(self.directory, "kept_elsewhere.json")
+    os.makedirs(self.directory, exist_ok=True)
+    with open(path + ".partial", "w") as f:
+      json.dump({name: source for name, (source, _) in self._elsewhere.items()}, f, indent=2)
+    os.replace(path + ".partial", path)
 
   def _discard_unreadable(self):
     """Deletes the steps `restore` could not read before the first save after it: they are

@@ -150,6 +150,28 @@ class PretzelTask:
                            b["is_visual"], jnp.moveaxis(b["positions"], 1, 0), b["valid"],
                            t)["params"]
 
+  def kept_elsewhere(self):
+    """With `init.checkpoint_vlm=False`, the frozen VLM stays out of this stage's
+    checkpoints and is read back from `init.vlm_checkpoint` (a converted Qwen checkpoint):
+    {"vlm": (that path, load into the abstract VLM's shardings)}; else {}."""
+    init = self.config.init
+    if init.get("checkpoint_vlm", True):
+      return {}
+    if not init.vlm_checkpoint:
+      raise ValueError("config.init.checkpoint_vlm=False needs config.init.vlm_checkpoint "
+                       "(the converted Qwen checkpoint the VLM is read back from)")
+    return {"vlm": (os.path.abspath(init.vlm_checkpoint), self.load_vlm)}
+
+  def load_vlm(self, abstract_vlm=None):
+    """The VLM's parameters from `init.vlm_checkpoint`, in `vlm_dtype`; placed in the
+    shardings of `abstract_vlm` when given."""
+    qwen_params = qwen.load_converted(self.config.init.vlm_checkpoint,
+                                      dtype=jnp.dtype(self.config.model.vlm_dtype))
+    vlm = pretzel.vlm_params_from_qwen(qwen_params)
+    if abstract_vlm is None:
+      return vlm
+    return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), vlm, abstract_vlm)
+
   def warm_start(self, params):
     """Params of the previous stage (`init.from_workdir`) and of the converted VLM
     (`init.vlm_checkpoint`) in place of fresh ones; anything else keeps its init. A shape
@@ -160,9 +182,7 @@ class PretzelTask:
           os.path.join(init.from_workdir, "checkpoints"), params,
           reinitialise=tuple(init.reinitialise))
     if init.vlm_checkpoint:
-      qwen_params = qwen.load_converted(init.vlm_checkpoint,
-                                        dtype=jnp.dtype(self.config.model.vlm_dtype))
-      params = dict(params, vlm=pretzel.vlm_params_from_qwen(qwen_params))
+      params = dict(params, vlm=self.load_vlm())
     return params
 
   # ---- losses -------------------------------------------------------------------------

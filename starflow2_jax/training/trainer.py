@@ -239,7 +239,8 @@ def train(config, workdir):
 
     # ---- Resume or initialise ---------------------------------------------------------
     checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                              keep=cfg_train.keep_checkpoints)
+                                              keep=cfg_train.keep_checkpoints,
+                                              kept_elsewhere=kept_elsewhere(task))
     if checkpointer.latest_step() is not None:
       state = checkpointer.restore(abstract, train_batches.checkpointed)
       logging.info("resumed from step %d", int(state.step))
@@ -354,6 +355,12 @@ def load_config(workdir):
     return ml_collections.ConfigDict(json.load(f))
 
 
+def kept_elsewhere(task):
+  """The parameters a task keeps out of its checkpoints ({name: (source, load)}; e.g. a
+  frozen VLM read back from its converted checkpoint), or {}."""
+  return task.kept_elsewhere() if hasattr(task, "kept_elsewhere") else {}
+
+
 def restore_params(config, workdir, step=None):
   """(task, params, step) from the latest (or given) checkpoint of a training workdir,
   placed on the config's mesh; the optimizer state is read as well but not kept."""
@@ -361,7 +368,9 @@ def restore_params(config, workdir, step=None):
   mesh, rules = sharding.mesh_and_rules(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract = plan_state(config, task, mesh, rules).abstract
-    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                              async_save=False,
+                                              kept_elsewhere=kept_elsewhere(task))
     state = checkpointer.restore(abstract, step=step)
     checkpointer.close()
   return task, state.params, int(state.step)
