@@ -55,15 +55,29 @@ def _progress_path(out_dir, shard):
 
 def _done(out_dir, shard, unit):
   """The unit's saved summary if its shard was completed from this same unit — same name,
-  same source (paths, image size, keys) — else None."""
+  same source (paths, image size, keys), its files unchanged (size, mtime) — else None."""
   path = _progress_path(out_dir, shard)
   if not (os.path.exists(path) and os.path.exists(os.path.join(out_dir, shard))):
     return None
   with open(path) as f:
     saved = json.load(f)
-  if saved.get("unit") != unit.name or saved.get("source") != repr(unit.source):
+  if (saved.get("unit") != unit.name or saved.get("source") != repr(unit.source)
+      or saved.get("files") != _file_stamps(unit.source)):
     return None
   return writers.WriteSummary(saved["written"], saved["skipped"], saved["problems"], [shard])
+
+
+def _file_stamps(source):
+  """[[path, size, mtime_ns], …] of the files a unit's source names: a file replaced or
+  rewritten under the same name makes its unit convert again."""
+  if isinstance(source, str):
+    if not os.path.isfile(source):
+      return []
+    stat = os.stat(source)
+    return [[source, stat.st_size, stat.st_mtime_ns]]
+  if isinstance(source, (tuple, list)):
+    return [stamp for item in source for stamp in _file_stamps(item)]
+  return []
 
 
 def _convert_unit(read, unit, out_dir, shard):
@@ -86,7 +100,8 @@ def _convert_unit(read, unit, out_dir, shard):
 def _save(out_dir, shard, unit, summary):
   path = _progress_path(out_dir, shard)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  payload = dict(unit=unit.name, source=repr(unit.source), written=summary.written, skipped=summary.skipped,
+  payload = dict(unit=unit.name, source=repr(unit.source), files=_file_stamps(unit.source),
+                 written=summary.written, skipped=summary.skipped,
                  problems=summary.problems)
   with open(path + ".partial", "w") as f:
     json.dump(payload, f)

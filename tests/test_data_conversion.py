@@ -80,6 +80,25 @@ def test_a_rerun_keeps_finished_units_and_redoes_changed_ones(tmp_path):
       writers.shard_name("train", i, 2) for i in range(2)]
 
 
+def test_a_rewritten_input_file_is_converted_again(tmp_path):
+  """Same unit name and source, but the file the source names changed: not a finished unit."""
+  source = tmp_path / "input.txt"
+  source.write_text("3")
+  units = [conversion.Unit("the file", str(source))]
+  read = read_count_from_file
+  assert conversion.convert(units, read, str(tmp_path / "out"), "train").written == 3
+  source.write_text("5")
+  os.utime(source, ns=(0, os.stat(source).st_mtime_ns + 10**9))
+  assert conversion.convert(units, read, str(tmp_path / "out"), "train").written == 5
+
+
+def read_count_from_file(path):
+  """A unit reader for the tests: as many records as the file's number says."""
+  with open(path) as f:
+    count = int(f.read())
+  yield from read_numbers((0, count))
+
+
 _KILLED_RUN = """
 import os, sys, time
 sys.path.insert(0, {tests!r})

@@ -129,7 +129,7 @@ def test_build_tokenizer_from_config():
   assert words.ids("cat dog") == [2, words.unk_id]
   with pytest.raises(ValueError, match="config.data.words"):
     text.build_tokenizer({"tokenizer": "words"})
-  with pytest.raises(ValueError, match="'bytes' or 'words'"):
+  with pytest.raises(ValueError, match="'bytes', 'words' or 'hf'"):
     text.build_tokenizer({"tokenizer": "bpe"})
 
 

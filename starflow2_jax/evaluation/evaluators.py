@@ -26,11 +26,13 @@ functions that need the trainer (held-out metrics over a split), so evaluators n
 """
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import logging
 import numbers
 import os
+import tempfile
 import zlib
 from typing import Any, Callable
 
@@ -67,8 +69,14 @@ class EvalContext:
 
   def output_dir(self, name=None):
     """`<workdir>/eval/<name>/step_<step>`, created: where an evaluator writes files (default
-    name: the config entry's, so two entries of one type never share a directory)."""
+    name: the config entry's, so two entries of one type never share a directory).
+
+    Every process runs the evaluators (sampling is collective), but only process 0 writes
+    into the workdir: the others get a private scratch directory of their own, so that no
+    two processes write, or clear, the same files."""
     name = name or self.name
+    if jax.process_index() != 0:
+      return _scratch_dir(name, self.step)
     path = os.path.join(self.workdir, "eval", name, f"step_{self.step:07d}")
     os.makedirs(path, exist_ok=True)
     return path
@@ -78,6 +86,11 @@ class EvalContext:
     step, so figures at two steps compare the models, not the draws."""
     name = name or self.name
     return jax.random.fold_in(jax.random.key(self.config.seed + 5), zlib.crc32(name.encode()))
+
+
+@functools.lru_cache(maxsize=None)
+def _scratch_dir(name, step):
+  return tempfile.mkdtemp(prefix=f"starflow2-eval-{name}-{step}-")
 
 
 def available():

@@ -218,7 +218,7 @@ def evaluate(context, split=None, num_examples=None, batch_size=None, bins=50,
   Returns:
     `{visual,text}_{ratio,cosine,cosine_fused}_mean` (means over positions), the position
     counts `{visual,text}_positions`, `num_examples` read, and the paths of the histogram PNGs
-    `{visual,text}_{ratio,cosine}_histogram` under `context.output_dir("skip_analysis")`.
+    `{visual,text}_{ratio,cosine}_histogram` under `context.output_dir()` (the entry's directory).
   """
   check_has_skips(context)
   cfg = context.config
@@ -234,5 +234,5 @@ def evaluate(context, split=None, num_examples=None, batch_size=None, bins=50,
   for side in SIDES:
     result[f"{side}_positions"] = len(values[side]["ratio"])
     result.update({f"{side}_{q}_mean": float(np.mean(values[side][q])) for q in QUANTITIES})
-  result.update(write_histograms(values, bins, context.output_dir(NAME), split))
+  result.update(write_histograms(values, bins, context.output_dir(context.name or NAME), split))
   return result

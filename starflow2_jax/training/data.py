@@ -135,6 +135,9 @@ def eval_batches(config, task, data_dir, split=None, num_examples=None):
       paths, task.example_transform(), batch_size=batch, seed=config.seed, shuffle=False,
       num_epochs=1, process_index=jax.process_index(), process_count=jax.process_count())
   num_batches = (num_examples or cfg.num_examples) // cfg.batch_size
+  if not num_batches:
+    raise ValueError(f"{num_examples or cfg.num_examples} held-out examples make no batch of "
+                     f"config.eval.batch_size={cfg.batch_size}")
   for i, b in enumerate(ds):
     if i >= num_batches:
       break

@@ -14,6 +14,7 @@ Qwen2.5-VL checkpoint (`init.vlm_checkpoint`).
 import dataclasses
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,10 @@ class PretzelTask:
     if not init.vlm_checkpoint:
       raise ValueError("config.init.checkpoint_vlm=False needs config.init.vlm_checkpoint "
                        "(the converted Qwen checkpoint the VLM is read back from)")
+    if self.stage.text_only or any(re.fullmatch(p, "vlm/embed_tokens/embedding")
+                                   for p in self.config.optimizer.trainable):
+      raise ValueError("config.init.checkpoint_vlm=False keeps the VLM out of checkpoints, "
+                       "but this stage trains it (config.optimizer.trainable)")
     return {"vlm": (os.path.abspath(init.vlm_checkpoint), self.load_vlm)}
 
   def load_vlm(self, abstract_vlm=None):

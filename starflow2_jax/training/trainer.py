@@ -189,7 +189,8 @@ def held_out_metrics_fn(config, task, eval_step, params, data_dir, mesh, rules):
   metrics averaged over the first examples of a records split (default: the config's)."""
   def held_out_metrics(split=None, num_examples=None):
     batches = data_lib.eval_batches(config, task, data_dir, split, num_examples)
-    return evaluate(eval_step, params, batches, mesh, rules, config.seed)
+    with nn.logical_axis_rules(rules):
+      return evaluate(eval_step, params, batches, mesh, rules, config.seed)
   return held_out_metrics
 
 
@@ -283,7 +284,10 @@ def train(config, workdir):
                                      rules)
       context = evaluators.EvalContext(config, task, state.params, step, workdir, data_dir,
                                        held_out)
-      return evaluators.run(due, context, writer)
+      # Without the logical axis rules: evaluators draw batches of any size (300 captions
+      # on 8 devices), which the activations' batch sharding could not split.
+      with nn.logical_axis_rules(()):
+        return evaluators.run(due, context, writer)
 
     with _StopSignal() as stop:
       while step < cfg_train.steps:
@@ -303,7 +307,7 @@ def train(config, workdir):
             writer.scalars(step, last_train, prefix="train/")
             bar.set_postfix(loss=f"{last_train['loss']:.4f}")
         if step < cfg_train.steps:
-          last_evals = run_evals(step) or last_evals
+          last_evals = {**last_evals, **run_evals(step)}   # each entry's latest result
         if cfg_train.sample_every and step % cfg_train.sample_every == 0:
           save_samples(task, state.params, step, workdir, writer, config.seed)
         reason = stop_reason(stop, deadline, nonfinite)
@@ -324,9 +328,9 @@ def train(config, workdir):
     # ---- Final evaluation, samples and summary ----------------------------------------
     # A run stopped early still reports held-out metrics, without slow evaluators.
     if not stopped_early:
-      last_evals = run_evals(step, final=True)
-    elif not last_evals:
-      last_evals = run_evals(step, final=True, names=("bpd",))
+      last_evals = {**last_evals, **run_evals(step, final=True)}
+    elif "bpd" not in last_evals:
+      last_evals = {**last_evals, **run_evals(step, final=True, names=("bpd",))}
     last_eval = last_evals.get("bpd", {})
     sample_path = (save_samples(task, state.params, step, workdir, writer, config.seed)
                    if cfg_train.get("final_samples", True) else None)

@@ -24,7 +24,7 @@ def evaluate_workdir(config, workdir, names=None, step=None):
   data_dir = data_lib.records_dir(config, workdir)
   entries = evaluators.select(config, names)
   writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"))
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh):        # held_out_metrics applies the logical axis rules itself
     held_out = trainer.held_out_metrics_fn(config, task, jax.jit(task.eval_metrics), params,
                                            data_dir, mesh, rules)
     context = evaluators.EvalContext(config, task, params, step, workdir, data_dir, held_out)
