@@ -210,7 +210,7 @@ def test_result_keys_and_histogram_files(setup, trained):
            for q in ("ratio", "cosine", "cosine_fused")}
   assert set(result) == histograms | means | {
       "visual_positions", "text_positions", "num_examples", "split", "noise_level"}
-  out_dir = context_for(setup, None, step=7).output_dir("skip_analysis")
+  out_dir = context_for(setup, None, step=7).output_dir("skips")   # the entry's name
   for key in histograms:
     assert result[key] == f"{out_dir}/test_{key.removesuffix('_histogram')}.png"
     with Image.open(result[key]) as png:
