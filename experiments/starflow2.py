@@ -149,7 +149,10 @@ def get_config(arg="stage=1,size=demo"):
       dtype=m["dtype"],
       # What layers keep for the backward pass (layers/remat.py): at scale only each layer's
       # input, for the flow and the frozen VLM alike (docs/plan.md has the memory it saves).
-      remat=False if fashion_mnist else "full", vlm_remat="none" if fashion_mnist else "full")
+      remat=False if fashion_mnist else "full", vlm_remat="none" if fashion_mnist else "full",
+      # nn.scan over the flow's and the VLM's layers (layers/scan.py): at scale one layer is
+      # compiled whatever the depth, and FSDP gathers one layer's weights at a time.
+      scan_layers=not fashion_mnist)
   c.init = dict(from_workdir="", vlm_checkpoint="",
                 # At scale the frozen VLM stays out of the stages' checkpoints and is read
                 # back from vlm_checkpoint (the demo's VLM is trained in stage 0: kept).

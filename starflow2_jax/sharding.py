@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("head_dim", None),
     ("latent", None),
     ("context", None),
+    ("layers", None),     # a scanned stack's layer axis (layers/scan.py) is never split
 )
 
 

@@ -6,6 +6,7 @@ token, so padded prompts and padded captions are masked out of attention.
 """
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 
 
@@ -20,7 +21,8 @@ class KVCache:
   """Caches for every layer plus the shared bookkeeping.
 
   Attributes:
-    layers: one `LayerCache` per Transformer layer.
+    layers: one `LayerCache` per Transformer layer (a tuple), or, for a scanned layer stack
+      (`layers/scan.py`), one `LayerCache` whose arrays hold every layer [L, B, S, N, H].
     valid_bs: which cache slots hold real tokens.
     length: how many slots are filled (the next write position), a scalar.
   """
@@ -29,13 +31,28 @@ class KVCache:
   length: jnp.ndarray
 
   @classmethod
-  def zeros(cls, *, batch, max_length, num_layers, num_heads, head_dim, dtype=jnp.float32):
+  def zeros(cls, *, batch, max_length, num_layers, num_heads, head_dim, dtype=jnp.float32,
+            stacked=False):
     shape = (batch, max_length, num_heads, head_dim)
-    layers = tuple(
-        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers))
+    if stacked:
+      shape = (num_layers,) + shape
+      layers = LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    else:
+      layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+                     for _ in range(num_layers))
     return cls(layers=layers, valid_bs=jnp.zeros((batch, max_length), bool),
                length=jnp.zeros((), jnp.int32))
 
   @property
   def max_length(self):
     return self.valid_bs.shape[1]
+
+  def begin_write(self, valid_bt):
+    """(layer caches, write position, validity with `valid_bt` written there): what a layer
+    stack reads to append `valid_bt.shape[1]` tokens."""
+    valid_bs = jax.lax.dynamic_update_slice(self.valid_bs, valid_bt, (0, self.length))
+    return self.layers, self.length, valid_bs
+
+  def written(self, layers, valid_bs, num_new):
+    """The cache after a stack appended `num_new` tokens (`begin_write`'s counterpart)."""
+    return KVCache(layers=layers, valid_bs=valid_bs, length=self.length + num_new)

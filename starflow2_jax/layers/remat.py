@@ -37,12 +37,14 @@ def policy_name(remat):
   return remat
 
 
-def remat_layer(layer_cls, remat):
-  """`layer_cls`, rematerialised under the named policy (itself for "none")."""
+def remat_layer(layer_cls, remat, scanned=False):
+  """`layer_cls`, rematerialised under the named policy (itself for "none"). Inside a scan
+  (`scanned`) the loop already keeps XLA from merging the recomputation with the forward
+  pass, so common-subexpression elimination need not be prevented (as JAX recommends)."""
   name = policy_name(remat)
   if name == "none":
     return layer_cls
-  return nn.remat(layer_cls, policy=POLICIES[name], static_argnums=())
+  return nn.remat(layer_cls, policy=POLICIES[name], static_argnums=(), prevent_cse=not scanned)
 
 
 def tag(x, name):

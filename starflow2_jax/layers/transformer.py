@@ -3,7 +3,6 @@
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from starflow2_jax.layers import attention
@@ -12,6 +11,7 @@ from starflow2_jax.layers import mlp as mlp_lib
 from starflow2_jax.layers import norms
 from starflow2_jax.layers import remat
 from starflow2_jax.layers import rotary
+from starflow2_jax.layers import scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +23,7 @@ class TransformerConfig:
   mlp_ratio: float = 4.0
   rope_theta: float = 10_000.0
   remat: bool | str = False     # a `remat.POLICIES` name (True: "full", False: "none")
+  scan: bool = False            # run the layers with `nn.scan` (layers/scan.py)
   # None: 1-D positions [B, T]. "chunked" / "interleaved": M-RoPE over (t, row, col)
   # positions [3, B, T] with that frequency layout (`rotary.mrope_axis_of_frequency`);
   # "chunked" needs `mrope_section`.
@@ -45,7 +46,7 @@ class TransformerConfig:
   def empty_cache(self, batch, max_length, dtype=jnp.float32):
     return kv_cache_lib.KVCache.zeros(
         batch=batch, max_length=max_length, num_layers=self.num_layers,
-        num_heads=self.num_heads, head_dim=self.head_dim, dtype=dtype)
+        num_heads=self.num_heads, head_dim=self.head_dim, dtype=dtype, stacked=self.scan)
 
 
 class TransformerLayer(nn.Module):
@@ -83,24 +84,21 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd, positions_bt, valid_bt, cache=None):
-    layer_cls = remat.remat_layer(TransformerLayer, self.config.remat)
+    cfg = self.config
+    layer_cls = remat.remat_layer(TransformerLayer, cfg.remat, scanned=cfg.scan)
+    layers = scan.build_stack(layer_cls, cfg.num_layers, cfg.scan, 6, 2, cfg, self.dtype,
+                              self.param_dtype)
     x_btd = nn.with_logical_constraint(x_btd.astype(self.dtype), ("batch", "length", "embed"))
-    if cache is None:
-      layer_caches = (None,) * self.config.num_layers
-      cache_length = cache_valid = None
-    else:
-      layer_caches, cache_length = cache.layers, cache.length
-      cache_valid = jax.lax.dynamic_update_slice(cache.valid_bs, valid_bt, (0, cache_length))
+    layer_caches = cache_length = cache_valid = None
+    if cache is not None:
+      layer_caches, cache_length, cache_valid = cache.begin_write(valid_bt)
     angles_bth = None
-    if self.config.rope_layout is not None:
-      angles_bth, positions_bt = self.config.rotary_angles(positions_bt), None
-    new_layer_caches = []
-    for i, layer_cache in enumerate(layer_caches):
-      x_btd, layer_cache = layer_cls(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
-          x_btd, positions_bt, valid_bt, layer_cache, cache_length, cache_valid, angles_bth)
-      new_layer_caches.append(layer_cache)
+    if cfg.rope_layout is not None:
+      angles_bth, positions_bt = cfg.rotary_angles(positions_bt), None
+    x_btd, layer_caches = scan.run_stack(
+        layers, x_btd, (positions_bt, valid_bt, cache_length, cache_valid, angles_bth), 2,
+        layer_caches)
     y_btd = norms.layer_norm("final_norm", self.dtype, self.param_dtype)(x_btd)
     if cache is not None:
-      cache = kv_cache_lib.KVCache(layers=tuple(new_layer_caches), valid_bs=cache_valid,
-                                   length=cache_length + x_btd.shape[1])
+      cache = cache.written(layer_caches, cache_valid, x_btd.shape[1])
     return y_btd, cache

@@ -56,6 +56,8 @@ class PretzelConfig:
     skips: build W_v and W_t (stage 3); without them the model is that of stages 1–2.
     freeze_vlm: stop gradients into the VLM's parameters.
     vlm_dtype: the VLM's compute and parameter dtype ("bfloat16" halves a frozen VLM).
+    vlm_remat, vlm_scan: the VLM layers' remat policy and whether they are scanned (the
+      flow's Transformers say the same in `flow.deep` / `flow.shallow`).
   """
   vlm: qwen_config.TextConfig
   flow: stack.FlowConfig
@@ -64,6 +66,7 @@ class PretzelConfig:
   freeze_vlm: bool = True
   vlm_dtype: str = "float32"
   vlm_remat: bool | str = "none"      # the VLM layers' `layers/remat.py` policy
+  vlm_scan: bool = False              # run the VLM's layers with `nn.scan` (layers/scan.py)
 
   def __post_init__(self):
     if self.flow.deep.rope_layout not in rotary.MROPE_LAYOUTS:
@@ -113,10 +116,8 @@ class PretzelCache:
 
 
 def empty_cache(config, batch, max_length, dtype=jnp.float32):
-  v = config.vlm
-  vlm = kv_cache_lib.KVCache.zeros(batch=batch, max_length=max_length,
-                                   num_layers=v.num_layers, num_heads=v.num_kv_heads,
-                                   head_dim=v.head_dim, dtype=jnp.dtype(config.vlm_dtype))
+  vlm = text_lib.empty_cache(config.vlm, batch, max_length, jnp.dtype(config.vlm_dtype),
+                             scan=config.vlm_scan)
   return PretzelCache(vlm, config.flow.deep.empty_cache(batch, max_length, dtype))
 
 
@@ -191,7 +192,8 @@ class Pretzel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     vlm_dtype = jnp.dtype(cfg.vlm_dtype)
     decoder = FrozenTextDecoder if cfg.freeze_vlm else text_lib.TextDecoder
-    self.vlm = decoder(cfg.vlm, dtype=vlm_dtype, param_dtype=vlm_dtype, remat=cfg.vlm_remat)
+    self.vlm = decoder(cfg.vlm, dtype=vlm_dtype, param_dtype=vlm_dtype, remat=cfg.vlm_remat,
+                       scan=cfg.vlm_scan)
     self.adapter = adapter_lib.Adapter(cfg.vlm.hidden_size, cfg.adapter_hidden, **kw)
     self.shallow = [stack.shallow_block(cfg.flow, k, **kw).clone(name=f"shallow_{k}")
                     for k in range(cfg.flow.num_shallow_blocks)]

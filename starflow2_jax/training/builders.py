@@ -6,11 +6,14 @@ from starflow2_jax.layers import transformer as transformer_lib
 from starflow2_jax.training import frozen
 
 
-def transformer_config(cfg, remat=False):
-  """A `TransformerConfig` from a config section (width, num_layers, num_heads, mlp_ratio)."""
+def transformer_config(cfg, model):
+  """A `TransformerConfig` from a config section (width, num_layers, num_heads, mlp_ratio)
+  and the model section's layer settings: `remat` (a `layers/remat.py` policy) and
+  `scan_layers` (run the layers with `nn.scan`, `layers/scan.py`)."""
   return transformer_lib.TransformerConfig(
       width=cfg.width, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-      mlp_ratio=cfg.mlp_ratio, remat=remat)
+      mlp_ratio=cfg.mlp_ratio, remat=model.get("remat", False),
+      scan=model.get("scan_layers", False))
 
 
 def build_latent(config):

@@ -27,8 +27,8 @@ def build_model(config, latent):
   m = config.model
   flow = stack.FlowConfig(
       latent_dim=latent.token_dim,
-      deep=builders.transformer_config(m.deep, m.remat),
-      shallow=builders.transformer_config(m.shallow, m.remat),
+      deep=builders.transformer_config(m.deep, m),
+      shallow=builders.transformer_config(m.shallow, m),
       num_shallow_blocks=m.num_shallow_blocks,
       context_dim=m.caption_width, scale=m.scale, noise_conditioning=m.noise_conditioning)
   model_cfg = caption_flow.CaptionFlowConfig(flow, m.vocab_size, config.data.max_caption_len)

@@ -24,6 +24,7 @@ from data_pipelines import text as text_lib
 from starflow2_jax.convert import qwen
 from starflow2_jax.flows import noise
 from starflow2_jax.flows import stack
+from starflow2_jax.layers import scan
 from starflow2_jax.models import pretzel
 from starflow2_jax.models import stages
 from starflow2_jax.models.qwen2_5_vl import config as qwen_config
@@ -45,17 +46,18 @@ def vlm_text_config(cfg):
 def build_model(config, latent_dim):
   """The Pretzel of `config.model` for `config.stage`."""
   m = config.model
-  deep = builders.transformer_config(m.deep, m.remat)
+  deep = builders.transformer_config(m.deep, m)
   deep = pretzel.with_flow_positions(deep, m.deep.rope_layout)
   flow = stack.FlowConfig(
       latent_dim=latent_dim, deep=deep,
-      shallow=builders.transformer_config(m.shallow, m.remat),
+      shallow=builders.transformer_config(m.shallow, m),
       num_shallow_blocks=m.num_shallow_blocks, scale=m.scale,
       noise_conditioning=m.noise_conditioning)
   model_cfg = pretzel.PretzelConfig(
       vlm=vlm_text_config(m.vlm), flow=flow, adapter_hidden=m.adapter_hidden,
       skips=stages.stage_of(config).skips, freeze_vlm=not stages.stage_of(config).text_only,
-      vlm_dtype=m.vlm_dtype, vlm_remat=m.get("vlm_remat", "none"))
+      vlm_dtype=m.vlm_dtype, vlm_remat=m.get("vlm_remat", "none"),
+      vlm_scan=m.get("scan_layers", False))
   return pretzel.Pretzel(model_cfg, dtype=jnp.dtype(m.dtype))
 
 
@@ -168,11 +170,14 @@ class PretzelTask:
     return {"vlm": (os.path.abspath(init.vlm_checkpoint), self.load_vlm)}
 
   def load_vlm(self, abstract_vlm=None):
-    """The VLM's parameters from `init.vlm_checkpoint`, in `vlm_dtype`; placed in the
+    """The VLM's parameters from `init.vlm_checkpoint`, in `vlm_dtype` (and stacked for a
+    scanned VLM: converted checkpoints keep one entry per layer); placed in the
     shardings of `abstract_vlm` when given."""
     qwen_params = qwen.load_converted(self.config.init.vlm_checkpoint,
                                       dtype=jnp.dtype(self.config.model.vlm_dtype))
     vlm = pretzel.vlm_params_from_qwen(qwen_params)
+    if self.model.config.vlm_scan:
+      vlm = scan.stack_layers(vlm, self.model.config.vlm.num_layers)
     if abstract_vlm is None:
       return vlm
     return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), vlm, abstract_vlm)

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starflow2_jax.layers import kv_cache as kv_cache_lib
 from starflow2_jax.models.qwen2_5_vl import text as text_lib
 from starflow2_jax.models.qwen2_5_vl import vision as vision_lib
 
@@ -83,7 +82,4 @@ def abstract_params(model):
 
 def empty_cache(model, batch, max_length):
   """A zeroed KV cache for `batch` rows of up to `max_length` tokens."""
-  cfg = model.config.text
-  return kv_cache_lib.KVCache.zeros(batch=batch, max_length=max_length,
-                                    num_layers=cfg.num_layers, num_heads=cfg.num_kv_heads,
-                                    head_dim=cfg.head_dim, dtype=model.dtype)
+  return text_lib.empty_cache(model.config.text, batch, max_length, model.dtype)

@@ -3,18 +3,26 @@
 Inputs are embeddings, not ids, so image features (or STARFlow2's adapter outputs) can take
 the place of token embeddings; positions are the 3-D (t, row, col) M-RoPE positions
 [3, B, T] of `positions.rope_index`. The KV cache is the library's `KVCache` with
-`num_kv_heads` heads per layer (`model.empty_cache`).
+`num_kv_heads` heads per layer (`empty_cache`).
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from starflow2_jax.layers import attention
 from starflow2_jax.layers import kv_cache as kv_cache_lib
 from starflow2_jax.layers import remat
 from starflow2_jax.layers import rotary
+from starflow2_jax.layers import scan
 from starflow2_jax.models.qwen2_5_vl import blocks
+
+
+def empty_cache(config, batch, max_length, dtype, scan=False):
+  """A zeroed KV cache of the decoder of `config` (a TextConfig) for `batch` rows of up to
+  `max_length` tokens; `scan`: for a scanned decoder (layer axis first)."""
+  return kv_cache_lib.KVCache.zeros(batch=batch, max_length=max_length,
+                                    num_layers=config.num_layers, num_heads=config.num_kv_heads,
+                                    head_dim=config.head_dim, dtype=dtype, stacked=scan)
 
 
 class DecoderLayer(nn.Module):
@@ -40,11 +48,14 @@ class DecoderLayer(nn.Module):
 
 class TextDecoder(nn.Module):
   """`embed(ids)`, `__call__(embeds, positions_3bt, valid, cache)` -> (final-norm hidden, cache),
-  `logits(hidden)`. `remat` names the layers' rematerialisation policy (`layers/remat.py`)."""
+  `logits(hidden)`. `remat` names the layers' rematerialisation policy (`layers/remat.py`);
+  `scan` runs them with `nn.scan` (`layers/scan.py`: parameters under `layers`, stacked,
+  instead of layer_0 … layer_{L-1}; caches from `empty_cache(…, scan=True)`)."""
   config: object            # config.TextConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   remat: bool | str = "none"
+  scan: bool = False
 
   def setup(self):
     cfg = self.config
@@ -53,8 +64,8 @@ class TextDecoder(nn.Module):
         cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")))
-    layer_cls = remat.remat_layer(DecoderLayer, self.remat)
-    self.layers = [layer_cls(cfg, name=f"layer_{i}", **kw) for i in range(cfg.num_layers)]
+    layer_cls = remat.remat_layer(DecoderLayer, self.remat, scanned=self.scan)
+    self.layers = scan.build_stack(layer_cls, cfg.num_layers, self.scan, 5, 2, cfg, **kw)
     self.final_norm = blocks.RMSNorm(cfg.rms_norm_eps, name="final_norm", **kw)
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
@@ -80,17 +91,11 @@ class TextDecoder(nn.Module):
     # Qwen2.5-VL's own (chunked) layout: its weights were trained with it.
     angles_bth = rotary.mrope_angles(positions_3bt, cfg.head_dim, cfg.rope_theta,
                                      cfg.mrope_section, layout="chunked")
-    if cache is None:
-      layer_caches, cache_length, cache_valid = (None,) * cfg.num_layers, None, None
-    else:
-      layer_caches, cache_length = cache.layers, cache.length
-      cache_valid = jax.lax.dynamic_update_slice(cache.valid_bs, valid_bt, (0, cache_length))
-    new_caches = []
-    for layer, layer_cache in zip(self.layers, layer_caches):
-      x_btd, layer_cache = layer(x_btd, angles_bth, valid_bt, layer_cache, cache_length,
-                                 cache_valid)
-      new_caches.append(layer_cache)
+    layer_caches = cache_length = cache_valid = None
     if cache is not None:
-      cache = kv_cache_lib.KVCache(layers=tuple(new_caches), valid_bs=cache_valid,
-                                   length=cache_length + x_btd.shape[1])
+      layer_caches, cache_length, cache_valid = cache.begin_write(valid_bt)
+    x_btd, layer_caches = scan.run_stack(
+        self.layers, x_btd, (angles_bth, valid_bt, cache_length, cache_valid), 2, layer_caches)
+    if cache is not None:
+      cache = cache.written(layer_caches, cache_valid, x_btd.shape[1])
     return self.final_norm(x_btd), cache
