@@ -97,3 +97,24 @@ def run_stack(layers, x, args, cache_argnum, layer_caches):
     x, layer_cache = layer(x, *with_cache(layer_cache))
     new_caches.append(layer_cache)
   return x, tuple(new_caches)
+
+
+def scanned_layout(tree):
+  """A nested parameter dict with every unrolled stack in it (a dict holding layer_0,
+  layer_1, …) stacked by `stack_layers`: an unrolled model's parameters for the same model
+  scanned."""
+  if not isinstance(tree, dict):
+    return tree
+  tree = {k: scanned_layout(v) for k, v in tree.items()}
+  num_layers = 0
+  while f"{UNROLLED_PREFIX}{num_layers}" in tree:
+    num_layers += 1
+  return stack_layers(tree, num_layers) if num_layers else tree
+
+
+def unrolled_layout(tree):
+  """The inverse of `scanned_layout`: every scanned stack in a nested dict unstacked."""
+  if not isinstance(tree, dict):
+    return tree
+  tree = {k: unrolled_layout(v) for k, v in tree.items()}
+  return unstack_layers(tree) if STACK_NAME in tree else tree

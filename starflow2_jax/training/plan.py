@@ -189,6 +189,7 @@ def plan(config, devices, mesh_shape=None, chip="h100", mfu=0.4):
       analytic_flops_per_step=flops,
       chip=chip, mfu=mfu, step_seconds=flops / (devices * CHIPS[chip] * mfu),
       remat=config.get("model", {}).get("remat"),
+      scan_layers=bool(config.get("model", {}).get("scan_layers", False)),
       microbatches=config.train.get("microbatches", 1),
       compile_seconds=seconds)
 
@@ -242,7 +243,8 @@ def table(report):
   rows = [
       ("devices", f"{r['devices']} ({r['platform']}), mesh {mesh}"),
       ("batch", f"{r['batch_size']} × {r['sequence_length']} = {r['tokens_per_step']:,} tokens "
-                f"per step; remat {r['remat']}, microbatches {r['microbatches']}"),
+                f"per step; remat {r['remat']}, scanned layers {r['scan_layers']}, "
+                f"microbatches {r['microbatches']}"),
       ("per device", f"{_size(r['per_device_bytes'])} = argument {_size(r['argument_bytes'])} "
                      f"+ output {_size(r['output_bytes'])} + temp {_size(r['temp_bytes'])} "
                      f"− aliased {_size(r['alias_bytes'])}"),
