@@ -47,9 +47,10 @@ def _converted(tmp_path_factory):
   return _converted_vlm(tmp_path_factory.mktemp("qwen"), tiny_config(1).model.vlm)
 
 
-def _stage(converted, vlm_dtype="float32", **init):
+def _stage(converted, vlm_dtype="float32", scan_layers=False, **init):
   config = tiny_config(1, vlm_checkpoint=str(converted), **init)
   config.model.vlm_dtype = vlm_dtype
+  config.model.scan_layers = scan_layers
   config.mesh = dict(shape=dict(data=1, fsdp=-1, tensor=1),
                      rules=[list(r) for r in sharding.DEFAULT_RULES])
   task = pretzel_task.PretzelTask(config)
@@ -80,12 +81,24 @@ def test_the_frozen_vlm_is_bf16_and_has_no_optimizer_state(converted):
   assert moments == 2 * trained
 
 
-def test_a_checkpoint_can_leave_the_vlm_out_and_read_it_back(converted, tmp_path):
-  task, abstract, state, (mesh, rules) = _stage(converted, checkpoint_vlm=False)
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_checkpoint_can_leave_the_vlm_out_and_read_it_back(converted, tmp_path, scan_layers):
+  """Also with scanned layers: the converted checkpoint keeps one entry per layer, and the
+  VLM reads it back stacked."""
+  task, abstract, state, (mesh, rules) = _stage(converted, checkpoint_vlm=False,
+                                                scan_layers=scan_layers)
   # The VLM came from the converted checkpoint (not the random init).
-  np.testing.assert_array_equal(
-      np.asarray(state.params["vlm"]["embed_tokens"]["embedding"]),
-      np.asarray(qwen.load_converted(converted)["text"]["embed_tokens"]["embedding"]))
+  source = qwen.load_converted(converted)["text"]
+  np.testing.assert_array_equal(np.asarray(state.params["vlm"]["embed_tokens"]["embedding"]),
+                                np.asarray(source["embed_tokens"]["embedding"]))
+  query = lambda layer: np.asarray(layer["attention"]["query_kernel"])
+  if scan_layers:
+    assert "layer_0" not in state.params["vlm"]
+    np.testing.assert_array_equal(query(state.params["vlm"]["layers"])[0],
+                                  query(source["layer_0"]))
+  else:
+    np.testing.assert_array_equal(query(state.params["vlm"]["layer_0"]),
+                                  query(source["layer_0"]))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for name, elsewhere in (("without", trainer.kept_elsewhere(task)), ("with", {})):
       checkpointer = checkpointing.Checkpointer(tmp_path / name, async_save=False,

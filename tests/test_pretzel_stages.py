@@ -219,3 +219,16 @@ def test_warm_start_with_other_shapes_fails_unless_reinitialised(tmp_path):
   warm = task.warm_start(fresh)
   assert tree_bits(warm["flow"]) == tree_bits(fresh["flow"])          # kept fresh
   assert tree_bits(warm["adapter"]) == tree_bits(state2.params["adapter"])
+
+
+def test_warm_start_across_layer_layouts_is_an_error(tmp_path):
+  """A scanned stage 3 from an unrolled stage 2 would share no layer with the checkpoint
+  (`layers` vs layer_0, …) and keep fresh layers: the error names the stacks instead."""
+  _saved_stage2(tmp_path)
+  config = tiny_config(3, from_workdir=str(tmp_path))
+  config.model.scan_layers = True
+  task = pretzel_task.PretzelTask(config)
+  with pytest.raises(ValueError, match="lay out the layers of") as error:
+    task.warm_start(_state(task, config, rng=2)[0].params)
+  for stack in ("vlm", "flow/backbone", "shallow_0/backbone"):
+    assert f"'{stack}'" in str(error.value)

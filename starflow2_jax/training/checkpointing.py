@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from starflow2_jax.layers import scan
+
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for (train state, data iterator) pairs.
@@ -135,6 +137,33 @@ def describe_error(error):
   return " <- ".join(parts)
 
 
+def _stack_prefixes(names):
+  """The parameter-path prefixes of unrolled ('…/layer_0') and scanned ('…/layers') stacks."""
+  unrolled, scanned = set(), set()
+  for name in names:
+    parts = name.split("/")
+    for i, part in enumerate(parts[:-1]):
+      if part == f"{scan.UNROLLED_PREFIX}0":
+        unrolled.add("/".join(parts[:i]))
+      elif part == scan.STACK_NAME:
+        scanned.add("/".join(parts[:i]))
+  return unrolled, scanned
+
+
+def _check_layer_layout(path, saved, wanted):
+  """A stack saved unrolled and wanted scanned (or the reverse) would share no layer with
+  the model and silently keep its fresh init: an error instead."""
+  saved_unrolled, saved_scanned = _stack_prefixes(saved)
+  wanted_unrolled, wanted_scanned = _stack_prefixes(wanted)
+  crossed = sorted((saved_unrolled & wanted_scanned) | (saved_scanned & wanted_unrolled))
+  if crossed:
+    raise ValueError(
+        f"the checkpoint at {path} and the model lay out the layers of {crossed} differently "
+        "(one unrolled as layer_0, layer_1, …, the other scanned as 'layers'): set "
+        "config.model.scan_layers as in the run that wrote it (or convert the parameters "
+        "with starflow2_jax.layers.scan.scanned_layout / unrolled_layout)")
+
+
 def restore_params_subset(directory, params, step=None, reinitialise=()):
   """Warm start: `params` with every leaf that a trainer checkpoint also holds read from it,
   the rest kept (e.g. the skips a new stage adds).
@@ -154,6 +183,7 @@ def restore_params_subset(directory, params, step=None, reinitialise=()):
   saved = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree["params"],
                                      sep="/")
   wanted = traverse_util.flatten_dict(params, sep="/")
+  _check_layer_layout(path, saved, wanted)
   differ = [k for k, v in wanted.items()
             if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
   unexpected = [k for k in differ if not any(re.fullmatch(p, k) for p in reinitialise)]
