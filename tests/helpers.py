@@ -3,6 +3,8 @@
 Everything here is float32 and small enough to compile in a second or two on a 2-core CPU.
 """
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -153,3 +155,20 @@ def bits(x):
 
 def tree_bits(tree):
   return [bits(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory):
+  """JAX's persistent compilation cache in `directory` for every compiled program, however
+  quick (so runs in one module compile the same steps once); the settings restored after."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  try:
+    yield
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)

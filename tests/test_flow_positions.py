@@ -155,6 +155,7 @@ def train_flow_stream(rope_layout, steps=300, batch=32):
   return model, dict(frozen, flow=flow)
 
 
+@pytest.mark.slow      # 300 training steps (~40 s): the layout choice's evidence, not a unit check
 def test_trained_flow_stream_pays_for_mirrored_columns():
   """300 steps on images whose every row follows a column profile: mirroring the column
   coordinates of held-out images (same pixels, same rows) must cost bits. A column-aware

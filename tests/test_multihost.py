@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 import fake_data
+import helpers
 import multihost_worker
 from demos import fashion_mnist
 from starflow2_jax import cli
@@ -44,15 +45,8 @@ PARAM_ATOL = 1e-6
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
   """The two one-process runs compile the same steps once."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+    yield
 
 
 def _free_port():

@@ -153,6 +153,20 @@ def test_sharding_over_fsdp_divides_the_sharded_state(cli_report):
   assert replicated["per_device_bytes"] > cli_report["per_device_bytes"]
 
 
+def test_scanned_layers_keep_each_devices_share_of_the_state(cli_report):
+  """The same stage with its layers scanned (stacked on a layer axis that is never split)
+  compiles on the mesh, and each device holds exactly the share of the state it held
+  unrolled: the stacked leaves are split as their layers were."""
+  config = fashion_mnist_stages.get_config("stage1-tiny")
+  config.model.scan_layers = True
+  r = plan.plan(config, 8, MESH)
+  _, state = abstract_state(config, MESH)
+  assert "layers" in state.params["vlm"] and "layer_0" not in state.params["vlm"]
+  assert r["scan_layers"] is True and cli_report["scan_layers"] is False
+  assert r["alias_bytes"] == share_bytes(state, MESH) == cli_report["alias_bytes"]
+  assert r["sharded_fraction"] == pytest.approx(cli_report["sharded_fraction"], rel=1e-12)
+
+
 @pytest.mark.slow
 def test_stage3_plan():
   """Stage 3 (the skips, the adapter and the flow train; ~35 s to compile here)."""

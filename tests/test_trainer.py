@@ -42,15 +42,8 @@ DEEP_ONLY = ("flow/deep/.*",)
 
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
+  with helpers.persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")):
+    yield
 
 
 @pytest.fixture(scope="module", name="records_dir")
