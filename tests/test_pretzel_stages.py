@@ -232,3 +232,17 @@ def test_warm_start_across_layer_layouts_is_an_error(tmp_path):
     task.warm_start(_state(task, config, rng=2)[0].params)
   for stack in ("vlm", "flow/backbone", "shallow_0/backbone"):
     assert f"'{stack}'" in str(error.value)
+
+
+def test_resume_across_layer_layouts_is_an_error(tmp_path):
+  """Resuming an unrolled run's checkpoint with `model.scan_layers` switched on is a config
+  error that names the stacks, not a checkpoint "that cannot be read" at every step."""
+  _saved_stage2(tmp_path)
+  config = tiny_config(2)
+  config.model.scan_layers = True
+  task = pretzel_task.PretzelTask(config)
+  state = _state(task, config, rng=2)[0]
+  checkpointer = checkpointing.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  with pytest.raises(ValueError, match="lay out the layers of .*'flow/backbone'"):
+    checkpointer.restore(state)
+  checkpointer.close()

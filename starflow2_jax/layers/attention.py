@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from starflow2_jax.layers import kv_cache as kv_cache_lib
 from starflow2_jax.layers import rotary
 
 Dtype = jnp.dtype
@@ -108,12 +107,7 @@ class CausalSelfAttention(nn.Module):
       keys, values, key_valid = k, v, valid_bt
       query_slots = key_slots = jnp.arange(num_queries)
     else:
-      start = (0, cache_length, 0, 0)
-      keys = jax.lax.dynamic_update_slice(layer_cache.keys_bsnh, k.astype(
-          layer_cache.keys_bsnh.dtype), start)
-      values = jax.lax.dynamic_update_slice(layer_cache.values_bsnh, v.astype(
-          layer_cache.values_bsnh.dtype), start)
-      layer_cache = kv_cache_lib.LayerCache(keys, values)
+      layer_cache, keys, values = layer_cache.append(k, v, cache_length)
       keys, values = keys.astype(self.dtype), values.astype(self.dtype)
       key_valid = cache_valid_bs
       query_slots = cache_length + jnp.arange(num_queries)

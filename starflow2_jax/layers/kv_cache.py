@@ -12,8 +12,28 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class LayerCache:
+  """One layer's keys and values [B, S, N, H]; or, with `layer` set, the whole stack's
+  [L, B, S, N, H] of a scanned stack seen from its layer `layer` (the scan carries the stack
+  and writes each layer's new entries into it in place, instead of slicing it into
+  per-iteration copies and stacking them again)."""
   keys_bsnh: jnp.ndarray
   values_bsnh: jnp.ndarray
+  layer: jnp.ndarray | None = None
+
+  def append(self, keys_btnh, values_btnh, start):
+    """Writes this call's keys and values at slots [start, start + T); returns (the updated
+    cache, this layer's keys and values [B, S, N, H] to attend over)."""
+    def write(cache, new):
+      new = new.astype(cache.dtype)
+      if self.layer is None:
+        return jax.lax.dynamic_update_slice(cache, new, (0, start, 0, 0))
+      return jax.lax.dynamic_update_slice(cache, new[None], (self.layer, 0, start, 0, 0))
+    keys, values = write(self.keys_bsnh, keys_btnh), write(self.values_bsnh, values_btnh)
+    updated = LayerCache(keys, values, self.layer)
+    if self.layer is not None:
+      keys = jax.lax.dynamic_index_in_dim(keys, self.layer, keepdims=False)
+      values = jax.lax.dynamic_index_in_dim(values, self.layer, keepdims=False)
+    return updated, keys, values
 
 
 @flax.struct.dataclass

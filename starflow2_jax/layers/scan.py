@@ -9,33 +9,25 @@ checkpoint (always unrolled, as the importers write it) loads into either.
 
 The KV cache follows the parameters: an unrolled stack reads a tuple of per-layer
 `LayerCache`s, a scanned one a single `LayerCache` whose arrays carry the layer axis first
-(`kv_cache.KVCache.zeros(stacked=True)`); the scan slices one layer's cache per iteration.
+(`kv_cache.KVCache.zeros(stacked=True)`). The scan carries that stack and hands iteration i
+a view of it at layer i (`LayerCache.layer`), which writes its new keys and values into the
+stack in place: a decode step copies no cache (scanning over the cache as an input would
+stack the iterations' outputs into a second, whole cache).
 
-The layer's signature must be `(x, *args) -> (x, layer_cache)`: x is the carry, the layer
-cache (argument `cache_argnum` of `args`) is scanned over, every other argument is the same
-for every layer (broadcast).
+The layer's signature must be `(x, *args) -> (x, layer_cache)`, the layer cache being
+argument `cache_argnum` of `args`; every other argument is the same for every layer.
 """
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from starflow2_jax.layers import kv_cache as kv_cache_lib
 
 LAYER_AXIS = "layers"       # logical name of the stacked parameters' leading axis
 STACK_NAME = "layers"       # the scanned stack's name in the parameter tree
 UNROLLED_PREFIX = "layer_"  # an unrolled stack's layers: layer_0, layer_1, …
-
-
-def scanned(layer_cls, num_layers, num_args, cache_argnum):
-  """`layer_cls` looped over `num_layers` stacked copies of its parameters.
-
-  The result is a module class called like one layer; its parameters get a leading
-  "layers" axis (also in their logical partitioning), and its layer caches are sliced from
-  (and stacked into) arrays with the layer axis first.
-  """
-  in_axes = tuple(0 if i == cache_argnum else nn.broadcast for i in range(num_args))
-  return nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
-                 split_rngs={"params": True}, in_axes=in_axes, length=num_layers,
-                 metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
 
 
 def _layer_keys(tree, num_layers):
@@ -47,6 +39,14 @@ def _layer_keys(tree, num_layers):
   return keys
 
 
+def _stack(*xs):
+  """jnp.stack for JAX arrays (under jit too: stacked where they live, however sharded),
+  np.stack for host arrays."""
+  if any(isinstance(x, jax.Array) for x in xs):
+    return jnp.stack(xs)
+  return np.stack(xs)
+
+
 def stack_layers(tree, num_layers):
   """An unrolled stack's parameters (a dict holding layer_0 … layer_{L-1}, and anything
   else) in the scanned layout: the layers' arrays stacked along a new first axis under
@@ -55,8 +55,7 @@ def stack_layers(tree, num_layers):
     raise ValueError(f"already scanned: the tree holds {STACK_NAME!r}")
   keys = _layer_keys(tree, num_layers)
   rest = {k: v for k, v in tree.items() if k not in keys}
-  stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                         *[tree[k] for k in keys])
+  stacked = jax.tree.map(_stack, *[tree[k] for k in keys])
   return dict(rest, **{STACK_NAME: stacked})
 
 
@@ -72,24 +71,23 @@ def unstack_layers(tree):
   return rest
 
 
-def build_stack(layer_cls, num_layers, scan, num_args, cache_argnum, *args, **kwargs):
-  """The layers of a stack, built from `layer_cls(*args, **kwargs)`: one scanned module
-  named `layers` when `scan`, else a list named layer_0 … layer_{L-1}. Call inside a
-  module's `setup` or compact method; run with `run_stack`."""
+def build_stack(layer_cls, num_layers, scan, *args, **kwargs):
+  """The layers of a stack, built from `layer_cls(*args, **kwargs)`: when `scan`, one
+  layer named `layers` whose parameters `run_stack` stacks `num_layers` deep; else a list
+  named layer_0 … layer_{L-1}. Call inside a module's `setup` or compact method."""
   if scan:
-    return scanned(layer_cls, num_layers, num_args, cache_argnum)(
-        *args, name=STACK_NAME, **kwargs)
+    return layer_cls(*args, name=STACK_NAME, **kwargs)
   return [layer_cls(*args, name=f"{UNROLLED_PREFIX}{i}", **kwargs) for i in range(num_layers)]
 
 
-def run_stack(layers, x, args, cache_argnum, layer_caches):
+def run_stack(layers, num_layers, x, args, cache_argnum, layer_caches):
   """x through the stack of `build_stack`; `args` are the layers' other arguments without
   the cache, which is inserted at `cache_argnum` (per-layer caches, a stacked cache, or
   None). Returns (x, the layers' new caches in the same form)."""
   def with_cache(layer_cache):
     return args[:cache_argnum] + (layer_cache,) + args[cache_argnum:]
-  if not isinstance(layers, (list, tuple)):
-    return layers(x, *with_cache(layer_caches))
+  if isinstance(layers, nn.Module):
+    return _run_scanned(layers, num_layers, x, with_cache, layer_caches)
   if layer_caches is None:
     layer_caches = (None,) * len(layers)
   new_caches = []
@@ -99,6 +97,23 @@ def run_stack(layers, x, args, cache_argnum, layer_caches):
   return x, tuple(new_caches)
 
 
+def _run_scanned(layer, num_layers, x, with_cache, stacked_cache):
+  """`layer` looped `num_layers` times by `nn.scan` over stacked parameters (leading axis
+  "layers", also in their logical partitioning), carrying x and the stacked cache."""
+  def body(layer, carry):
+    x, cache, index = carry
+    view = None if cache is None else kv_cache_lib.LayerCache(
+        cache.keys_bsnh, cache.values_bsnh, layer=index)
+    x, view = layer(x, *with_cache(view))
+    cache = None if view is None else kv_cache_lib.LayerCache(view.keys_bsnh, view.values_bsnh)
+    return (x, cache, index + 1), None
+  scan = nn.scan(body, variable_axes={"params": 0, "intermediates": 0},
+                 split_rngs={"params": True}, length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
+  (x, stacked_cache, _), _ = scan(layer, (x, stacked_cache, jnp.zeros((), jnp.int32)))
+  return x, stacked_cache
+
+
 def scanned_layout(tree):
   """A nested parameter dict with every unrolled stack in it (a dict holding layer_0,
   layer_1, …) stacked by `stack_layers`: an unrolled model's parameters for the same model
@@ -106,10 +121,9 @@ def scanned_layout(tree):
   if not isinstance(tree, dict):
     return tree
   tree = {k: scanned_layout(v) for k, v in tree.items()}
-  num_layers = 0
-  while f"{UNROLLED_PREFIX}{num_layers}" in tree:
-    num_layers += 1
-  return stack_layers(tree, num_layers) if num_layers else tree
+  indices = [k[len(UNROLLED_PREFIX):] for k in tree if k.startswith(UNROLLED_PREFIX)]
+  indices = sorted(int(i) for i in indices if i.isdigit())
+  return stack_layers(tree, len(indices)) if indices else tree
 
 
 def unrolled_layout(tree):

@@ -86,7 +86,7 @@ class Transformer(nn.Module):
   def __call__(self, x_btd, positions_bt, valid_bt, cache=None):
     cfg = self.config
     layer_cls = remat.remat_layer(TransformerLayer, cfg.remat, scanned=cfg.scan)
-    layers = scan.build_stack(layer_cls, cfg.num_layers, cfg.scan, 6, 2, cfg, self.dtype,
+    layers = scan.build_stack(layer_cls, cfg.num_layers, cfg.scan, cfg, self.dtype,
                               self.param_dtype)
     x_btd = nn.with_logical_constraint(x_btd.astype(self.dtype), ("batch", "length", "embed"))
     layer_caches = cache_length = cache_valid = None
@@ -96,8 +96,8 @@ class Transformer(nn.Module):
     if cfg.rope_layout is not None:
       angles_bth, positions_bt = cfg.rotary_angles(positions_bt), None
     x_btd, layer_caches = scan.run_stack(
-        layers, x_btd, (positions_bt, valid_bt, cache_length, cache_valid, angles_bth), 2,
-        layer_caches)
+        layers, cfg.num_layers, x_btd,
+        (positions_bt, valid_bt, cache_length, cache_valid, angles_bth), 2, layer_caches)
     y_btd = norms.layer_norm("final_norm", self.dtype, self.param_dtype)(x_btd)
     if cache is not None:
       cache = cache.written(layer_caches, cache_valid, x_btd.shape[1])

@@ -58,10 +58,12 @@ class Checkpointer:
     earlier beats not resuming; raises if none can be read. A given `step` is read or raises.
     """
     if step is not None:
+      self._check_layout(step, abstract_state)
       return self._restore_step(step, abstract_state, data_iterator)
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    self._check_layout(steps[0], abstract_state)   # a config error, not an unreadable step
     errors = {}
     for step in steps:
       try:
@@ -87,6 +89,25 @@ class Checkpointer:
     loaded = {name: load(abstract_state.params[name])
               for name, (_, load) in self._elsewhere.items()}
     return state.replace(params=dict(state.params, **loaded))
+
+  def _check_layout(self, step, abstract_state):
+    """Refuses a checkpoint whose layer stacks are laid out otherwise than the model's
+    (`model.scan_layers` switched since it was written); metadata that cannot be read is
+    left to the restore to report."""
+    if not hasattr(abstract_state, "params"):
+      return
+    path = os.path.join(self.directory, str(step), "state")
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)     # orbax's warnings about a damaged step: the
+    try:                                    # restore below reports that step once
+      saved = saved_params(path)
+    except Exception:      # orbax raises bare Exceptions for what it cannot read
+      return
+    finally:
+      absl_logger.setLevel(level)
+    wanted = self._without_elsewhere(abstract_state).params
+    _check_layer_layout(path, saved, traverse_util.flatten_dict(wanted, sep="/"))
 
   def _without_elsewhere(self, state):
     """`state` (or its abstract twin) without the parameters kept elsewhere."""
@@ -137,6 +158,12 @@ def describe_error(error):
   return " <- ".join(parts)
 
 
+def saved_params(path):
+  """{"a/b/c": metadata} of the parameters in a saved train state (`<step>/state`)."""
+  tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  return traverse_util.flatten_dict(tree["params"], sep="/")
+
+
 def _stack_prefixes(names):
   """The parameter-path prefixes of unrolled ('…/layer_0') and scanned ('…/layers') stacks."""
   unrolled, scanned = set(), set()
@@ -152,7 +179,8 @@ def _stack_prefixes(names):
 
 def _check_layer_layout(path, saved, wanted):
   """A stack saved unrolled and wanted scanned (or the reverse) would share no layer with
-  the model and silently keep its fresh init: an error instead."""
+  the model (a warm start would silently keep fresh layers; a resume would find every step
+  unreadable): an error naming the stacks instead."""
   saved_unrolled, saved_scanned = _stack_prefixes(saved)
   wanted_unrolled, wanted_scanned = _stack_prefixes(wanted)
   crossed = sorted((saved_unrolled & wanted_scanned) | (saved_scanned & wanted_unrolled))
@@ -180,8 +208,7 @@ def restore_params_subset(directory, params, step=None, reinitialise=()):
     raise FileNotFoundError(f"no checkpoint in {directory} to warm-start from")
   path = os.path.join(os.path.abspath(directory), str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  saved = traverse_util.flatten_dict(checkpointer.metadata(path).item_metadata.tree["params"],
-                                     sep="/")
+  saved = saved_params(path)
   wanted = traverse_util.flatten_dict(params, sep="/")
   _check_layer_layout(path, saved, wanted)
   differ = [k for k, v in wanted.items()

@@ -169,18 +169,21 @@ class PretzelTask:
                        "but this stage trains it (config.optimizer.trainable)")
     return {"vlm": (os.path.abspath(init.vlm_checkpoint), self.load_vlm)}
 
-  def load_vlm(self, abstract_vlm=None):
-    """The VLM's parameters from `init.vlm_checkpoint`, in `vlm_dtype` (and stacked for a
-    scanned VLM: converted checkpoints keep one entry per layer); placed in the
-    shardings of `abstract_vlm` when given."""
+  def load_vlm(self, like=None):
+    """The VLM's parameters from `init.vlm_checkpoint`, in `vlm_dtype`, placed in the
+    shardings of `like` (the VLM's abstract or current parameters) when given. A scanned
+    VLM gets them stacked on the devices that hold them (converted checkpoints keep one
+    entry per layer), never gathered to one host."""
     qwen_params = qwen.load_converted(self.config.init.vlm_checkpoint,
                                       dtype=jnp.dtype(self.config.model.vlm_dtype))
     vlm = pretzel.vlm_params_from_qwen(qwen_params)
+    shardings = None if like is None else jax.tree.map(lambda a: a.sharding, like)
     if self.model.config.vlm_scan:
-      vlm = scan.stack_layers(vlm, self.model.config.vlm.num_layers)
-    if abstract_vlm is None:
+      stack = functools.partial(scan.stack_layers, num_layers=self.model.config.vlm.num_layers)
+      return jax.jit(stack, **({} if shardings is None else {"out_shardings": shardings}))(vlm)
+    if shardings is None:
       return vlm
-    return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), vlm, abstract_vlm)
+    return jax.tree.map(jax.device_put, vlm, shardings)
 
   def warm_start(self, params):
     """Params of the previous stage (`init.from_workdir`) and of the converted VLM
@@ -192,7 +195,7 @@ class PretzelTask:
           os.path.join(init.from_workdir, "checkpoints"), params,
           reinitialise=tuple(init.reinitialise))
     if init.vlm_checkpoint:
-      params = dict(params, vlm=self.load_vlm())
+      params = dict(params, vlm=self.load_vlm(params["vlm"]))
     return params
 
   # ---- losses -------------------------------------------------------------------------

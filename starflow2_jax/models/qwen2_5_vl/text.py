@@ -65,7 +65,7 @@ class TextDecoder(nn.Module):
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ("vocab", "embed")))
     layer_cls = remat.remat_layer(DecoderLayer, self.remat, scanned=self.scan)
-    self.layers = scan.build_stack(layer_cls, cfg.num_layers, self.scan, 5, 2, cfg, **kw)
+    self.layers = scan.build_stack(layer_cls, cfg.num_layers, self.scan, cfg, **kw)
     self.final_norm = blocks.RMSNorm(cfg.rms_norm_eps, name="final_norm", **kw)
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
@@ -95,7 +95,8 @@ class TextDecoder(nn.Module):
     if cache is not None:
       layer_caches, cache_length, cache_valid = cache.begin_write(valid_bt)
     x_btd, layer_caches = scan.run_stack(
-        self.layers, x_btd, (angles_bth, valid_bt, cache_length, cache_valid), 2, layer_caches)
+        self.layers, cfg.num_layers, x_btd, (angles_bth, valid_bt, cache_length, cache_valid),
+        2, layer_caches)
     if cache is not None:
       cache = cache.written(layer_caches, cache_valid, x_btd.shape[1])
     return self.final_norm(x_btd), cache
