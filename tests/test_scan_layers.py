@@ -73,6 +73,10 @@ def test_layouts_round_trip_and_name_what_is_missing():
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match="missing"):
     scan.stack_layers({"layer_0": {}, "layer_2": {}}, 3)
+  with pytest.raises(ValueError, match=r"beyond them \['layer_2'\]"):
+    scan.stack_layers(params, 2)                  # a layer would be left behind
+  with pytest.raises(ValueError, match="missing"):
+    scan.scanned_layout({"layer_0": {}, "layer_2": {}})   # a gap
   with pytest.raises(ValueError, match="already scanned"):
     scan.stack_layers(stacked, LAYERS)
 

@@ -33,9 +33,10 @@ UNROLLED_PREFIX = "layer_"  # an unrolled stack's layers: layer_0, layer_1, …
 def _layer_keys(tree, num_layers):
   keys = [f"{UNROLLED_PREFIX}{i}" for i in range(num_layers)]
   missing = [k for k in keys if k not in tree]
-  if missing:
-    raise ValueError(f"an unrolled stack of {num_layers} layers needs {keys[0]}…{keys[-1]}; "
-                     f"missing {missing} (keys: {sorted(tree)})")
+  extra = [k for k in tree if k.startswith(UNROLLED_PREFIX) and k not in keys]
+  if missing or extra:
+    raise ValueError(f"an unrolled stack of {num_layers} layers holds {keys[0]}…{keys[-1]}; "
+                     f"missing {missing}, beyond them {sorted(extra)} (keys: {sorted(tree)})")
   return keys
 
 
