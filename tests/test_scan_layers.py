@@ -45,6 +45,12 @@ def _transformers(remat="none"):
   return config, unrolled, scanned, params, scan.scanned_layout(params)
 
 
+def _prefill_then_steps(prefix, length):
+  """Slices [a, b) of a sequence as cached decoding feeds it: a prompt, then one position at
+  a time."""
+  return [(0, prefix)] + [(i, i + 1) for i in range(prefix, length)]
+
+
 def _bound(config, depth=None):
   return dict(depth=depth or config.num_layers, reduction=int(config.mlp_ratio * config.width))
 
@@ -105,7 +111,7 @@ def test_scanned_kv_cached_decode_equals_unrolled_full_pass():
   assert cache.layers.keys_bsnh.shape == (LAYERS, BATCH, LENGTH, config.num_heads,
                                           config.head_dim)
   pieces = []
-  for a, b in [(0, PREFIX)] + [(i, i + 1) for i in range(PREFIX, LENGTH)]:
+  for a, b in _prefill_then_steps(PREFIX, LENGTH):
     y, cache = step(x[:, a:b], positions[:, a:b], valid[:, a:b], cache)
     pieces.append(y)
   assert int(cache.length) == LENGTH
@@ -195,7 +201,7 @@ def test_scanned_qwen_decoder_equals_unrolled_full_and_cached():
   step = jax.jit(lambda e, p, v, c: scanned.apply({"params": stacked}, e, p, v, c))
   cache = text_lib.empty_cache(config, BATCH, LENGTH, jnp.float32, scan=True)
   pieces = []
-  for a, b in [(0, PREFIX)] + [(i, i + 1) for i in range(PREFIX, LENGTH)]:
+  for a, b in _prefill_then_steps(PREFIX, LENGTH):
     y, cache = step(embeds[:, a:b], positions[:, :, a:b], valid[:, a:b], cache)
     pieces.append(y)
   assert_float32_close(jnp.concatenate(pieces, axis=1), want, **bound)
@@ -251,7 +257,7 @@ def test_scanned_pretzel_kv_cache_decodes_the_full_pass():
   cache = pretzel.empty_cache(scanned.config, 2, length)
   assert cache.vlm.layers.keys_bsnh.shape[0] == cache.flow.layers.keys_bsnh.shape[0] == 2
   pieces = []
-  for a, b in [(0, 3)] + [(i, i + 1) for i in range(3, length)]:
+  for a, b in _prefill_then_steps(3, length):
     chunk = tuple(x[:, a:b] for x in inputs[:3]) + (inputs[3][:, :, a:b], inputs[4][:, a:b])
     out = step(*chunk, s["t_b"], cache)
     cache = out.cache

@@ -14,8 +14,9 @@ a view of it at layer i (`LayerCache.layer`), which writes its new keys and valu
 stack in place: a decode step copies no cache (scanning over the cache as an input would
 stack the iterations' outputs into a second, whole cache).
 
-The layer's signature must be `(x, *args) -> (x, layer_cache)`, the layer cache being
-argument `cache_argnum` of `args`; every other argument is the same for every layer.
+The layer's signature must be `(x, *args) -> (x, layer_cache)`, with `args` holding, from
+`cache_argnum` on, the layer cache, the cache's write position and its validity (all None
+without a cache); every other argument is the same for every layer.
 """
 
 import flax.linen as nn
@@ -81,14 +82,28 @@ def build_stack(layer_cls, num_layers, scan, *args, **kwargs):
   return [layer_cls(*args, name=f"{UNROLLED_PREFIX}{i}", **kwargs) for i in range(num_layers)]
 
 
-def run_stack(layers, num_layers, x, args, cache_argnum, layer_caches):
-  """x through the stack of `build_stack`; `args` are the layers' other arguments without
-  the cache, which is inserted at `cache_argnum` (per-layer caches, a stacked cache, or
-  None). Returns (x, the layers' new caches in the same form)."""
+def run_stack(layers, num_layers, x, args, cache_argnum, cache, valid_bt):
+  """x through the stack of `build_stack`, appending to `cache` (a `KVCache`, or None for
+  a pass without one). Each layer is called as
+  `layer(x, *args[:cache_argnum], layer_cache, cache_length, cache_valid, *args[cache_argnum:])`
+  with its cache (per-layer or the scanned stack's view), the write position and the cache's
+  validity with `valid_bt` written there. Returns (x, the extended cache or None)."""
+  layer_caches = length = valid_bs = None
+  if cache is not None:
+    layer_caches, length, valid_bs = cache.begin_write(valid_bt)
   def with_cache(layer_cache):
-    return args[:cache_argnum] + (layer_cache,) + args[cache_argnum:]
+    return args[:cache_argnum] + (layer_cache, length, valid_bs) + args[cache_argnum:]
   if isinstance(layers, nn.Module):
-    return _run_scanned(layers, num_layers, x, with_cache, layer_caches)
+    x, layer_caches = _run_scanned(layers, num_layers, x, with_cache, layer_caches)
+  else:
+    x, layer_caches = _run_unrolled(layers, x, with_cache, layer_caches)
+  if cache is not None:
+    cache = cache.written(layer_caches, valid_bs, x.shape[1])
+  return x, cache
+
+
+def _run_unrolled(layers, x, with_cache, layer_caches):
+  """The layers one after another, each with its own cache."""
   if layer_caches is None:
     layer_caches = (None,) * len(layers)
   new_caches = []
@@ -113,6 +128,20 @@ def _run_scanned(layer, num_layers, x, with_cache, stacked_cache):
                  metadata_params={nn.PARTITION_NAME: LAYER_AXIS})
   (x, stacked_cache, _), _ = scan(layer, (x, stacked_cache, jnp.zeros((), jnp.int32)))
   return x, stacked_cache
+
+
+def stack_paths(names):
+  """(unrolled, scanned): the paths of the stacks among flat parameter names ("a/b/c"),
+  those holding `layer_0/…` and those holding `layers/…`."""
+  unrolled, scanned = set(), set()
+  for name in names:
+    parts = name.split("/")
+    for i, part in enumerate(parts[:-1]):
+      if part == f"{UNROLLED_PREFIX}0":
+        unrolled.add("/".join(parts[:i]))
+      elif part == STACK_NAME:
+        scanned.add("/".join(parts[:i]))
+  return unrolled, scanned
 
 
 def scanned_layout(tree):

@@ -89,16 +89,9 @@ class Transformer(nn.Module):
     layers = scan.build_stack(layer_cls, cfg.num_layers, cfg.scan, cfg, self.dtype,
                               self.param_dtype)
     x_btd = nn.with_logical_constraint(x_btd.astype(self.dtype), ("batch", "length", "embed"))
-    layer_caches = cache_length = cache_valid = None
-    if cache is not None:
-      layer_caches, cache_length, cache_valid = cache.begin_write(valid_bt)
     angles_bth = None
     if cfg.rope_layout is not None:
       angles_bth, positions_bt = cfg.rotary_angles(positions_bt), None
-    x_btd, layer_caches = scan.run_stack(
-        layers, cfg.num_layers, x_btd,
-        (positions_bt, valid_bt, cache_length, cache_valid, angles_bth), 2, layer_caches)
-    y_btd = norms.layer_norm("final_norm", self.dtype, self.param_dtype)(x_btd)
-    if cache is not None:
-      cache = cache.written(layer_caches, cache_valid, x_btd.shape[1])
-    return y_btd, cache
+    x_btd, cache = scan.run_stack(layers, cfg.num_layers, x_btd,
+                                  (positions_bt, valid_bt, angles_bth), 2, cache, valid_bt)
+    return norms.layer_norm("final_norm", self.dtype, self.param_dtype)(x_btd), cache

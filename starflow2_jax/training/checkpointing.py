@@ -164,25 +164,12 @@ def saved_params(path):
   return traverse_util.flatten_dict(tree["params"], sep="/")
 
 
-def _stack_prefixes(names):
-  """The parameter-path prefixes of unrolled ('…/layer_0') and scanned ('…/layers') stacks."""
-  unrolled, scanned = set(), set()
-  for name in names:
-    parts = name.split("/")
-    for i, part in enumerate(parts[:-1]):
-      if part == f"{scan.UNROLLED_PREFIX}0":
-        unrolled.add("/".join(parts[:i]))
-      elif part == scan.STACK_NAME:
-        scanned.add("/".join(parts[:i]))
-  return unrolled, scanned
-
-
 def _check_layer_layout(path, saved, wanted):
   """A stack saved unrolled and wanted scanned (or the reverse) would share no layer with
   the model (a warm start would silently keep fresh layers; a resume would find every step
   unreadable): an error naming the stacks instead."""
-  saved_unrolled, saved_scanned = _stack_prefixes(saved)
-  wanted_unrolled, wanted_scanned = _stack_prefixes(wanted)
+  saved_unrolled, saved_scanned = scan.stack_paths(saved)
+  wanted_unrolled, wanted_scanned = scan.stack_paths(wanted)
   crossed = sorted((saved_unrolled & wanted_scanned) | (saved_scanned & wanted_unrolled))
   if crossed:
     raise ValueError(

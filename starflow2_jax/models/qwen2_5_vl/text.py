@@ -91,12 +91,6 @@ class TextDecoder(nn.Module):
     # Qwen2.5-VL's own (chunked) layout: its weights were trained with it.
     angles_bth = rotary.mrope_angles(positions_3bt, cfg.head_dim, cfg.rope_theta,
                                      cfg.mrope_section, layout="chunked")
-    layer_caches = cache_length = cache_valid = None
-    if cache is not None:
-      layer_caches, cache_length, cache_valid = cache.begin_write(valid_bt)
-    x_btd, layer_caches = scan.run_stack(
-        self.layers, cfg.num_layers, x_btd, (angles_bth, valid_bt, cache_length, cache_valid),
-        2, layer_caches)
-    if cache is not None:
-      cache = cache.written(layer_caches, cache_valid, x_btd.shape[1])
+    x_btd, cache = scan.run_stack(self.layers, cfg.num_layers, x_btd, (angles_bth, valid_bt),
+                                  2, cache, valid_bt)
     return self.final_norm(x_btd), cache
